@@ -1,0 +1,32 @@
+"""Fake quantization for zero-shot QAT: GranQ's per-(sample, channel) activation quantizer and baselines."""
+
+from .functional import (
+    StraightThroughFakeQuant,
+    channel_loop_fake_quant,
+    check_bits,
+    fake_quantize,
+    granq_fake_quant,
+    layerwise_fake_quant,
+    quant_params,
+    weight_fake_quant,
+)
+from .modules import ACT_MODES, QuantAct, QuantConv2d, QuantLinear
+from .quantize import count_modules, quantize_model, set_act_tracking
+
+__all__ = [
+    "ACT_MODES",
+    "QuantAct",
+    "QuantConv2d",
+    "QuantLinear",
+    "StraightThroughFakeQuant",
+    "channel_loop_fake_quant",
+    "check_bits",
+    "count_modules",
+    "fake_quantize",
+    "granq_fake_quant",
+    "layerwise_fake_quant",
+    "quant_params",
+    "quantize_model",
+    "set_act_tracking",
+    "weight_fake_quant",
+]

@@ -1,0 +1,170 @@
+"""Pure fake-quantization functions: ranges, parameters and the straight-through estimator.
+
+Every quantizer here uses the same asymmetric uniform grid. For a range [lo, hi] and ``bits``:
+
+    n          = 2**bits - 1
+    scale      = n / max(hi - lo, 1e-8)
+    zero_point = round(scale * lo) + 2**(bits - 1)
+    q          = round(scale * x - zero_point)
+    y          = (q + zero_point) / scale
+
+The gradient is straight-through: dL/dx = dL/dy. The range is never differentiated.
+
+The quantizers differ only in which elements share a range:
+
+- :func:`granq_fake_quant`: one range per (sample, channel) of an activation, computed for all rows
+  at once (GranQ's vectorized pre-scaling).
+- :func:`channel_loop_fake_quant`: the same values, one Python iteration per channel (the conventional
+  per-channel implementation; kept as a speed baseline and a test oracle).
+- :func:`layerwise_fake_quant`: one range for the whole tensor, given by the caller (GDFQ family).
+- :func:`weight_fake_quant`: one range per (out, in) kernel or per output channel of a weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "MAX_BITS",
+    "MIN_BITS",
+    "WEIGHT_GRANULARITIES",
+    "StraightThroughFakeQuant",
+    "channel_loop_fake_quant",
+    "check_bits",
+    "fake_quantize",
+    "granq_fake_quant",
+    "layerwise_fake_quant",
+    "per_row_fake_quant",
+    "quant_params",
+    "weight_fake_quant",
+]
+
+MIN_BITS = 2
+MAX_BITS = 8
+WEIGHT_GRANULARITIES = ("kernel", "channel")
+RANGE_EPS = 1e-8
+
+
+def check_bits(bits) -> int:
+    """Return ``bits`` if it is an integer from 2 to 8, else raise ValueError naming it."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    return bits
+
+
+def quant_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the asymmetric grid covering [lo, hi].
+
+    >>> scale, zero_point = quant_params(torch.tensor(0.0), torch.tensor(3.0), bits=2)
+    >>> scale.item(), zero_point.item()
+    (1.0, 2.0)
+    """
+    scale = (2**bits - 1) / torch.clamp(hi - lo, min=RANGE_EPS)
+    zero_point = torch.round(scale * lo) + 2 ** (bits - 1)
+    return scale, zero_point
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                  clamp_bits: int | None = None) -> torch.Tensor:
+    """Values of ``(round(scale * x - zero_point) + zero_point) / scale``, with no gradient rule.
+
+    With ``clamp_bits`` the integer q is clamped to [-2**(b-1), 2**(b-1) - 1], which matters only
+    when x can leave the range the parameters were computed from (a layer-wise running range).
+    """
+    q = torch.round(scale * x - zero_point)
+    if clamp_bits is not None:
+        q = torch.clamp(q, -(2 ** (clamp_bits - 1)), 2 ** (clamp_bits - 1) - 1)
+    return (q + zero_point) / scale
+
+
+class StraightThroughFakeQuant(torch.autograd.Function):
+    """Fake-quantize in the forward pass; pass the gradient through unchanged in the backward pass.
+
+    forward:  y = fake_quantize(x, scale, zero_point)
+    backward: dL/dx = dL/dy; scale and zero point get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, clamp_bits=None):
+        return fake_quantize(x, scale, zero_point, clamp_bits)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None, None
+
+
+def per_row_fake_quant(x: torch.Tensor, bits: int, leading_dims: int) -> torch.Tensor:
+    """Fake-quantize with one range per index of the first ``leading_dims`` dimensions.
+
+    The range of each row is the (min, max) over all remaining dimensions, taken from the detached
+    input. ``leading_dims=2`` on [N, C, H, W] gives one range per (sample, channel).
+    """
+    check_bits(bits)
+    rows = x.detach().reshape(*x.shape[:leading_dims], -1)
+    lo, hi = torch.aminmax(rows, dim=-1, keepdim=True)
+    range_shape = x.shape[:leading_dims] + (1,) * (x.dim() - leading_dims)
+    scale, zero_point = quant_params(lo.view(range_shape), hi.view(range_shape), bits)
+    return StraightThroughFakeQuant.apply(x, scale, zero_point)
+
+
+def _activation_leading_dims(x: torch.Tensor) -> int:
+    if x.dim() == 4:
+        return 2
+    if x.dim() == 2:
+        return 1
+    raise ValueError(f"expected an activation of shape [N, C, H, W] or [N, F], got shape {tuple(x.shape)}")
+
+
+def granq_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """GranQ activation quantizer: one (min, max) per (sample, channel), all channels at once.
+
+    x of shape [N, C, H, W] gets one range per (n, c) over H x W; x of shape [N, F] one per row.
+    Gradient: straight-through.
+
+    >>> x = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 0.1, 0.2, 0.3]])
+    >>> granq_fake_quant(x, bits=2).tolist() == x.tolist()  # 4 evenly spaced values fit 2 bits
+    True
+    """
+    return per_row_fake_quant(x, bits, _activation_leading_dims(x))
+
+
+def channel_loop_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The same values as :func:`granq_fake_quant`, computed with a Python loop over channels.
+
+    For [N, C, H, W] each iteration quantizes one channel of every sample; for [N, F] one row.
+    This is the conventional per-channel implementation GranQ's vectorization replaces.
+    """
+    check_bits(bits)
+    if _activation_leading_dims(x) == 1:
+        return torch.stack([per_row_fake_quant(row, bits, leading_dims=0) for row in x])
+    channels = [per_row_fake_quant(x[:, c], bits, leading_dims=1) for c in range(x.shape[1])]
+    return torch.stack(channels, dim=1)
+
+
+def layerwise_fake_quant(x: torch.Tensor, bits: int, x_min, x_max) -> torch.Tensor:
+    """One range [x_min, x_max] for the whole tensor; values outside it saturate.
+
+    Gradient: straight-through (also for saturated values, as in GDFQ).
+
+    >>> layerwise_fake_quant(torch.tensor([-1.0, 0.4, 9.0]), 2, 0.0, 3.0).tolist()
+    [0.0, 0.0, 3.0]
+    """
+    check_bits(bits)
+    x_min = torch.as_tensor(x_min, dtype=x.dtype, device=x.device)
+    x_max = torch.as_tensor(x_max, dtype=x.dtype, device=x.device)
+    scale, zero_point = quant_params(x_min, x_max, bits)
+    return StraightThroughFakeQuant.apply(x, scale, zero_point, bits)
+
+
+def weight_fake_quant(w: torch.Tensor, bits: int, granularity: str = "kernel") -> torch.Tensor:
+    """Fake-quantize a weight with one range per kernel or per output channel.
+
+    ``"kernel"``: one range per (out, in) kernel of a 4-D conv weight, per row of a 2-D weight
+    (the official GranQ code, used for its published numbers). ``"channel"``: one range per output
+    channel (the earlier methods). Gradient: straight-through.
+    """
+    if granularity == "kernel" and w.dim() == 4:
+        return per_row_fake_quant(w, bits, leading_dims=2)
+    if granularity in WEIGHT_GRANULARITIES:
+        return per_row_fake_quant(w, bits, leading_dims=1)
+    raise ValueError(f"weight granularity must be one of {WEIGHT_GRANULARITIES}, got {granularity!r}")

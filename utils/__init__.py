@@ -1,0 +1,1 @@
+"""Shared zero-shot QAT machinery: config, models, data, generator, losses, trainer and command line."""

@@ -1,0 +1,257 @@
+"""Typed, validated run configuration, read from a hocon file plus ``--set key=value`` overrides.
+
+Keys keep the spellings of the official GranQ configs (``qw``, ``lr_S``, ``batchSize``) so that
+published configs load unchanged. Unknown keys are rejected with the list of valid ones.
+"""
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+from pyhocon import ConfigFactory, HOCONConverter
+from pyhocon.exceptions import ConfigException
+
+from quantization_utils import ACT_MODES
+from quantization_utils.functional import MAX_BITS, MIN_BITS, WEIGHT_GRANULARITIES
+
+from .errors import ConfigError
+from .models import get_model_spec, model_names
+
+__all__ = ["DATASET_CLASSES", "GENERATORS", "LEGACY_KEYS", "Options", "load_options", "parse_override"]
+
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+GENERATORS = ("label_embedding", "conditional_bn")
+LR_POLICIES = ("multi_step", "const")
+OPTIMIZERS = ("SGD", "Adam")
+GRANQ_IMPLS = ("auto", "compiled", "eager")
+
+# Keys of the official configs that have no effect here; accepted so published configs still load.
+LEGACY_KEYS = {
+    "nGPU": "use torchrun for several GPUs",
+    "visible_devices": "set CUDA_VISIBLE_DEVICES instead",
+    "alpha": "the official code never uses it",
+    "fd_temperature": "the feature-distillation loss it belongs to is never used by the official code",
+}
+
+
+@dataclass
+class Options:
+    # General
+    save_path: str = "./save_cifar10/"
+    dataPath: str = ""
+    dataset: str = "cifar10"
+    network: str = "resnet20_cifar10"
+    GPU: int = 0  # CUDA device index when CUDA is available
+    nGPU: int = 1
+    visible_devices: str = ""
+    nThreads: int = 8  # data loader workers for evaluation
+    experimentID: str = "cifar10_3bit"
+    nClasses: int = 10
+    # Student optimisation
+    nEpochs: int = 200
+    iters_per_epoch: int = 200
+    batchSize: int = 16
+    momentum: float = 0.9
+    weightDecay: float = 1e-4
+    opt_type: str = "SGD"
+    warmup_epochs: int = 4
+    lr_S: float = 1e-4
+    lrPolicy_S: str = "multi_step"
+    step_S: list[int] = field(default_factory=lambda: [100, 200, 300])
+    decayRate_S: float = 0.1
+    # Quantization
+    qw: int = 3
+    qa: int = 3
+    act_mode: str = "granq"
+    weight_granularity: str = "kernel"
+    act_range_epochs: int = 4  # layer-wise ranges are tracked during these first epochs, then frozen
+    granq_impl: str = "auto"  # auto: compiled where torch.compile works, else eager
+    # Generator losses
+    alpha_ds: float = 0.2
+    alpha_as: float = 0.1
+    lambda_l: float = 0.1
+    lambda_u: float = 0.8
+    beta: float = 1.0
+    gamma: float = 1.0
+    # Distillation
+    temperature: float = 20.0
+    alpha: float = 1.0
+    fd_temperature: float = 8.0
+    # Generator
+    generator: str = ""  # label_embedding | conditional_bn; empty: by dataset
+    latent_dim: int = 100
+    img_size: int = 32
+    channels: int = 3
+    lr_G: float = 1e-3
+    lrPolicy_G: str = "multi_step"
+    step_G: list[int] = field(default_factory=lambda: [100, 200, 300])
+    decayRate_G: float = 0.1
+    b1: float = 0.5
+    b2: float = 0.999
+    # Teacher and data
+    teacher_weights: str = ""  # "": published weights; a path or URL; "random": tests only
+    norm_mean: list[float] = field(default_factory=list)  # empty: the dataset's
+    norm_std: list[float] = field(default_factory=list)
+    test_batch_size: int = 200
+    eval_every: int = 1  # evaluate every this many epochs, and always after the last
+    eval_start_epoch: int = 0  # no evaluation before this (0-based) epoch, except after the last
+    # Output
+    log_interval: int = 50  # iterations between progress lines
+    tensorboard: bool = False
+
+    def validate(self) -> "Options":
+        """Check every value once; raise ConfigError naming the key and the fix."""
+        for key in ("qw", "qa"):
+            value = getattr(self, key)
+            if not MIN_BITS <= value <= MAX_BITS:
+                raise ConfigError(f"{key} = {value} is out of range: bit-widths from {MIN_BITS} to {MAX_BITS} "
+                                  f"are supported")
+        _choice(self, "dataset", tuple(DATASET_CLASSES))
+        _choice(self, "act_mode", ACT_MODES)
+        _choice(self, "weight_granularity", WEIGHT_GRANULARITIES)
+        _choice(self, "lrPolicy_S", LR_POLICIES)
+        _choice(self, "lrPolicy_G", LR_POLICIES)
+        _choice(self, "opt_type", OPTIMIZERS)
+        _choice(self, "granq_impl", GRANQ_IMPLS)
+        if self.generator:
+            _choice(self, "generator", GENERATORS)
+        if self.network not in model_names():
+            raise ConfigError(f"network = {self.network!r} is unknown; known networks: {', '.join(model_names())}")
+        spec = get_model_spec(self.network)
+        if spec.dataset != self.dataset:
+            raise ConfigError(f"network {self.network!r} is a {spec.dataset} model but dataset = {self.dataset!r}")
+        if self.nClasses != spec.num_classes:
+            raise ConfigError(f"nClasses = {self.nClasses} disagrees with network {self.network!r} and dataset "
+                              f"{self.dataset!r}, which have {spec.num_classes} classes")
+        for key in ("nEpochs", "warmup_epochs", "act_range_epochs", "nThreads", "GPU", "eval_start_epoch"):
+            _at_least(self, key, 0)
+        for key in ("iters_per_epoch", "batchSize", "latent_dim", "test_batch_size", "eval_every", "log_interval"):
+            _at_least(self, key, 1)
+        for key in ("lr_S", "lr_G", "temperature"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} = {getattr(self, key)} must be positive")
+        if self.img_size % 4 or self.img_size <= 0:
+            raise ConfigError(f"img_size = {self.img_size} must be a positive multiple of 4 "
+                              f"(the generator upsamples twice)")
+        if self.channels != 3:
+            raise ConfigError(f"channels = {self.channels}: the teachers take RGB images, set channels = 3")
+        if not 0 <= self.lambda_l <= self.lambda_u <= 1:
+            raise ConfigError(f"lambda_l = {self.lambda_l} and lambda_u = {self.lambda_u} must satisfy "
+                              f"0 <= lambda_l <= lambda_u <= 1")
+        for key in ("norm_mean", "norm_std"):
+            value = getattr(self, key)
+            if value and len(value) != self.channels:
+                raise ConfigError(f"{key} = {value} needs {self.channels} values, one per channel, or [] for the "
+                                  f"dataset's default")
+        if any(s <= 0 for s in self.norm_std):
+            raise ConfigError(f"norm_std = {self.norm_std} must be positive")
+        return self
+
+    @property
+    def generator_kind(self) -> str:
+        if self.generator:
+            return self.generator
+        return "conditional_bn" if self.dataset == "imagenet" else "label_embedding"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_hocon(self) -> str:
+        return HOCONConverter.to_hocon(ConfigFactory.from_dict(self.to_dict())) + "\n"
+
+
+def _choice(options: Options, key: str, allowed) -> None:
+    value = getattr(options, key)
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _at_least(options: Options, key: str, minimum: int) -> None:
+    value = getattr(options, key)
+    if value < minimum:
+        raise ConfigError(f"{key} = {value} must be at least {minimum}")
+
+
+_FIELD_TYPES = typing.get_type_hints(Options)
+VALID_KEYS = tuple(f.name for f in dataclasses.fields(Options))
+
+
+def _type_name(kind) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            list[int]: "a list of integers", list[float]: "a list of numbers"}[kind]
+
+
+def _coerce(key: str, value):
+    """Check ``value`` against the declared type of ``key``; ints are accepted where floats are."""
+    kind = _FIELD_TYPES[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str, bool):
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    else:
+        item = typing.get_args(kind)[0]
+        ok = isinstance(value, list) and all(
+            isinstance(v, (int, float) if item is float else item) and not isinstance(v, bool) for v in value)
+        if ok and item is float:
+            value = [float(v) for v in value]
+    if not ok:
+        raise ConfigError(f"{key} must be {_type_name(kind)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_known(keys) -> None:
+    unknown = [k for k in keys if k not in VALID_KEYS]
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(sorted(VALID_KEYS))}")
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """Parse one ``key=value`` override; the value is read according to the key's type.
+
+    Strings are taken verbatim (paths and URLs need no quoting); numbers, booleans and lists are
+    parsed as hocon/JSON values, so ``step_S=[100,200]`` and ``lr_S=1e-4`` work.
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    _check_known([key])
+    kind = _FIELD_TYPES[key]
+    if kind is str:
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+            raw = raw[1:-1]
+        return key, raw
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        try:
+            value = ConfigFactory.parse_string(f"v = {raw}")["v"]
+        except (ConfigException, Exception):
+            raise ConfigError(f"{key} must be {_type_name(kind)}, got {raw!r}") from None
+    return key, _coerce(key, value)
+
+
+def load_options(conf_path: str, overrides: typing.Iterable[str] = (), **explicit) -> Options:
+    """Read ``conf_path``, apply ``--set`` overrides, then ``explicit`` values that are not None."""
+    try:
+        tree = ConfigFactory.parse_file(conf_path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {conf_path!r} does not exist") from None
+    except ConfigException as error:
+        raise ConfigError(f"config file {conf_path!r} cannot be parsed: {error}") from None
+    values = dict(tree.as_plain_ordered_dict())
+    _check_known(values)
+    values = {key: _coerce(key, value) for key, value in values.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    for key, value in explicit.items():
+        if value is not None:
+            values[key] = _coerce(key, value)
+    return Options(**values).validate()
+
+
+def options_from_dict(values: dict) -> Options:
+    """Rebuild validated options from :meth:`Options.to_dict` output (e.g. a checkpoint)."""
+    _check_known(values)
+    return Options(**{key: _coerce(key, value) for key, value in values.items()}).validate()

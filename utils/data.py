@@ -1,0 +1,87 @@
+"""Test sets for evaluation. Training never reads real data: the student only sees generated images."""
+
+import logging
+import os
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from .errors import UserError
+
+__all__ = ["NORMALIZATION", "build_test_loader", "find_image_folder", "normalization"]
+
+logger = logging.getLogger(__name__)
+
+NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
+
+
+def normalization(options) -> tuple[tuple, tuple]:
+    """(mean, std): ``norm_mean`` / ``norm_std`` where set, else the dataset's."""
+    mean, std = NORMALIZATION[options.dataset]
+    return tuple(options.norm_mean) or mean, tuple(options.norm_std) or std
+
+
+def _has_class_folders(root: str) -> bool:
+    for entry in os.scandir(root):
+        if entry.is_dir():
+            for item in os.scandir(entry.path):
+                if item.is_file() and item.name.lower().endswith(IMAGE_EXTENSIONS):
+                    return True
+    return False
+
+
+def find_image_folder(data_path: str) -> str | None:
+    """The ImageFolder root under ``data_path`` (itself, or its ``val``/``test`` folder), or None."""
+    for candidate in (data_path, os.path.join(data_path, "val"), os.path.join(data_path, "test")):
+        if os.path.isdir(candidate) and _has_class_folders(candidate):
+            return candidate
+    return None
+
+
+def _transform(options):
+    mean, std = normalization(options)
+    steps = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    if options.dataset == "imagenet":
+        steps = [transforms.Resize(256), transforms.CenterCrop(224)] + steps
+    return transforms.Compose(steps)
+
+
+def _torchvision_cifar(options, transform):
+    cifar = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[options.dataset]
+    try:
+        return cifar(root=options.dataPath, train=False, transform=transform, download=True)
+    except Exception as error:  # network or archive errors; torchvision raises several types
+        raise UserError(
+            f"dataPath = {options.dataPath!r}: no ImageFolder there and {options.dataset} could not be "
+            f"downloaded into it ({error}). Offline, point dataPath to an ImageFolder root of the test set") from None
+
+
+def build_test_loader(options) -> DataLoader:
+    """Evaluation loader: an ImageFolder root when ``dataPath`` holds one, else torchvision's CIFAR."""
+    if not options.dataPath:
+        raise UserError("dataPath is empty: set it to an ImageFolder root of the test set, or (CIFAR) to a "
+                        "folder where torchvision may download the test set")
+    transform = _transform(options)
+    root = find_image_folder(options.dataPath)
+    if root is not None:
+        dataset = datasets.ImageFolder(root, transform)
+        found = len(dataset.classes)
+        if found != options.nClasses:
+            raise UserError(f"dataPath = {root!r} has {found} class folders but nClasses = {options.nClasses}; "
+                            f"point dataPath to the {options.dataset} test/validation set")
+    elif options.dataset == "imagenet":
+        state = "does not exist" if not os.path.exists(options.dataPath) else "holds no class folders of images"
+        raise UserError(f"dataPath = {options.dataPath!r} {state}: point it to an ImageNet validation "
+                        f"ImageFolder (val/<wnid>/*.JPEG) or its parent")
+    else:
+        dataset = _torchvision_cifar(options, transform)
+    logger.info("test set: %d images from %s", len(dataset), root or options.dataPath)
+    return DataLoader(dataset, batch_size=options.test_batch_size, shuffle=False,
+                      num_workers=min(options.nThreads, os.cpu_count() or 1), pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)

@@ -1,0 +1,86 @@
+"""Losses of the generator (AdaSG/AdaDFQ-style) and of the student (GranQ's distillation)."""
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["BNStatistics", "entropy", "kd_loss", "marginal_loss", "onehot_loss"]
+
+
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-sample entropy of softmax(logits / temperature)."""
+    log_p = F.log_softmax(logits / temperature, dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+def onehot_loss(teacher: torch.Tensor, student: torch.Tensor, labels: torch.Tensor,
+                alpha_ds: float, alpha_as: float) -> torch.Tensor:
+    """alpha_ds * CE(softmax(T - S), y) + alpha_as * CE(softmax(T + S), y)."""
+    return (alpha_ds * F.cross_entropy(teacher - student, labels)
+            + alpha_as * F.cross_entropy(teacher + student, labels))
+
+
+def marginal_loss(teacher: torch.Tensor, student: torch.Tensor, num_classes: int,
+                  lambda_l: float, lambda_u: float) -> torch.Tensor:
+    """Keep the normalised disagreement entropy h' of each sample inside [lambda_l, lambda_u].
+
+    h = entropy(softmax(T - S)); h' = (h - min h) / (log(num_classes) - min h);
+    loss = mean(relu(lambda_l - h')) + mean(relu(h' - lambda_u)). Works for any batch size.
+    """
+    h = entropy(teacher - student)
+    h_min = h.min()
+    h_norm = (h - h_min) / (math.log(num_classes) - h_min)
+    return F.relu(lambda_l - h_norm).mean() + F.relu(h_norm - lambda_u).mean()
+
+
+def kd_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
+    """-temperature**2 * mean(entropy(softmax((T - S) / temperature)))."""
+    return -temperature**2 * entropy(teacher - student, temperature).mean()
+
+
+class BNStatistics:
+    """Batch statistics of the inputs of every BatchNorm of a model, for the BN-statistics loss.
+
+    Hooks are registered by module name and collect only inside :meth:`capture`, so evaluation
+    passes cost nothing. Call :meth:`remove` to detach them.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._layers = {name: module for name, module in model.named_modules()
+                        if isinstance(module, nn.modules.batchnorm._BatchNorm)}
+        if not self._layers:
+            raise ValueError("the teacher has no BatchNorm layer: the BN-statistics loss needs one")
+        self._handles = {name: module.register_forward_hook(self._hook) for name, module in self._layers.items()}
+        self._collecting = False
+        self._stats: list[tuple[torch.Tensor, torch.Tensor, nn.Module]] = []
+
+    def _hook(self, module, inputs, output):
+        if self._collecting:
+            x = inputs[0]
+            var, mean = torch.var_mean(x, dim=[0, 2, 3], correction=0)
+            self._stats.append((mean, var, module))
+
+    @contextmanager
+    def capture(self):
+        self._stats.clear()
+        self._collecting = True
+        try:
+            yield self
+        finally:
+            self._collecting = False
+
+    def loss(self) -> torch.Tensor:
+        """Mean over layers of MSE(batch mean, running_mean) + MSE(biased batch var, running_var)."""
+        if len(self._stats) != len(self._layers):
+            raise RuntimeError(f"captured {len(self._stats)} BatchNorm inputs, expected {len(self._layers)}")
+        total = sum(F.mse_loss(mean, module.running_mean) + F.mse_loss(var, module.running_var)
+                    for mean, var, module in self._stats)
+        return total / len(self._stats)
+
+    def remove(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()

@@ -1,0 +1,164 @@
+"""Command line shared by ``CIFAR/main.py`` and ``ImageNet/main.py``.
+
+    python CIFAR/main.py --conf_path CIFAR/cifar10_resnet20.hocon --id 1 --qw 3 --qa 3 [--set key=value ...]
+    python CIFAR/main.py --resume RUN_DIR
+
+The last line written to stdout is the run summary as one line of JSON; logs go to stderr and to
+``train.log`` in the run directory.
+"""
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import random
+import sys
+import traceback
+
+import numpy as np
+import torch
+
+from .config import LEGACY_KEYS, load_options, options_from_dict
+from .data import build_test_loader
+from .errors import UserError
+from .models import build_teacher
+from .trainer import CHECKPOINT, RunInterrupted, Trainer
+
+__all__ = ["build_parser", "main", "make_run_dir", "run", "select_device"]
+
+logger = logging.getLogger("granq")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="GranQ zero-shot quantization-aware training")
+    parser.add_argument("--conf_path", help="hocon config file")
+    parser.add_argument("--id", type=int, default=0, help="experiment id; the random seed is id + 1")
+    parser.add_argument("--qw", type=int, help="weight bits (overrides the config)")
+    parser.add_argument("--qa", type=int, help="activation bits (overrides the config)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key; repeatable")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    parser.add_argument("--force", action="store_true", help="resume even if the config differs from the run's")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def select_device(options) -> torch.device:
+    if torch.cuda.is_available():
+        index = options.GPU if options.GPU < torch.cuda.device_count() else 0
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_run_dir(options, run_id: int) -> str:
+    """A new directory under ``save_path``; an existing one is never reused or deleted."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = (f"{options.experimentID}{run_id:02d}_{options.network}_W{options.qw}A{options.qa}_"
+            f"{options.act_mode}_{options.weight_granularity}_{stamp}")
+    try:
+        os.makedirs(options.save_path, exist_ok=True)
+        for suffix in [""] + [f"-{n}" for n in range(1, 1000)]:
+            path = os.path.join(options.save_path, name + suffix)
+            try:
+                os.mkdir(path)
+                return path
+            except FileExistsError:
+                continue
+    except OSError as error:
+        raise UserError(f"save_path = {options.save_path!r} is not writable ({error.strerror}); "
+                        f"set save_path to a folder you can write") from None
+    raise UserError(f"could not create a new run directory under {options.save_path!r}")
+
+
+def _add_file_log(run_dir: str) -> None:
+    handler = logging.FileHandler(os.path.join(run_dir, "train.log"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+
+
+def _load_checkpoint(run_dir: str) -> dict:
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise UserError(f"--resume {run_dir!r}: no {CHECKPOINT} there; give the directory of a run that "
+                        f"finished at least one epoch or was interrupted")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # damaged or foreign file
+        raise UserError(f"--resume {run_dir!r}: {CHECKPOINT} cannot be read ({error})") from None
+
+
+def _resume_options(args, checkpoint: dict):
+    saved = options_from_dict(checkpoint["options"])
+    if not args.conf_path:
+        return saved
+    requested = load_options(args.conf_path, args.set, qw=args.qw, qa=args.qa)
+    changed = {k: (v, getattr(requested, k)) for k, v in saved.to_dict().items() if getattr(requested, k) != v}
+    if changed and not args.force:
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise UserError(f"--resume: the config differs from the run's ({listed}); drop --conf_path/--set to "
+                        f"use the run's own config, or add --force")
+    return requested
+
+
+def run(args) -> dict:
+    """Build everything from ``args``, train, write summary.json; return the summary."""
+    checkpoint = None
+    if args.resume:
+        checkpoint = _load_checkpoint(args.resume)
+        options = _resume_options(args, checkpoint)
+        run_id, seed = checkpoint["meta"]["id"], checkpoint["meta"]["seed"]
+    else:
+        if not args.conf_path:
+            raise UserError("--conf_path is required (or --resume RUN_DIR)")
+        options = load_options(args.conf_path, args.set, qw=args.qw, qa=args.qa)
+        run_id, seed = args.id, args.id + 1
+    seed_everything(seed)
+    device = select_device(options)
+
+    # Everything that can fail on bad input happens before the run directory exists.
+    teacher, teacher_source = build_teacher(options.network, options.teacher_weights)
+    test_loader = build_test_loader(options)
+
+    run_dir = args.resume or make_run_dir(options, run_id)
+    _add_file_log(run_dir)
+    if checkpoint is None:
+        with open(os.path.join(run_dir, "config.hocon"), "w") as f:
+            f.write(options.to_hocon())
+    for key, reason in LEGACY_KEYS.items():
+        logger.debug("config key %s has no effect: %s", key, reason)
+    logger.info("run directory %s on %s (seed %d)", run_dir, device, seed)
+    meta = {"id": run_id, "seed": seed, "teacher_weights": teacher_source, "device": str(device)}
+    trainer = Trainer(options, teacher, test_loader, device, run_dir, meta)
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint)
+        logger.info("resumed at epoch %d, iteration %d", trainer.epoch + 1, trainer.iteration)
+    summary = trainer.fit()
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    try:
+        summary = run(args)
+    except UserError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except RunInterrupted as interrupted:
+        print(str(interrupted), file=sys.stderr)
+        return interrupted.exit_code
+    print(json.dumps(summary), flush=True)
+    return 0
