@@ -59,7 +59,10 @@ def quant_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.T
     >>> scale.item(), zero_point.item()
     (1.0, 2.0)
     """
-    scale = (2**bits - 1) / torch.clamp(hi - lo, min=RANGE_EPS)
+    span = torch.clamp(hi - lo, min=RANGE_EPS)
+    # torch.div, not ``n / span``: Python's reflected division multiplies by a reciprocal, which can
+    # differ from the true quotient in the last bit.
+    scale = torch.div(torch.full_like(span, 2**bits - 1), span)
     zero_point = torch.round(scale * lo) + 2 ** (bits - 1)
     return scale, zero_point
 

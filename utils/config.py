@@ -10,7 +10,6 @@ import typing
 from dataclasses import dataclass, field
 
 from pyhocon import ConfigFactory, HOCONConverter
-from pyhocon.exceptions import ConfigException
 
 from quantization_utils import ACT_MODES
 from quantization_utils.functional import MAX_BITS, MIN_BITS, WEIGHT_GRANULARITIES
@@ -226,7 +225,7 @@ def parse_override(text: str) -> tuple[str, object]:
     except ValueError:
         try:
             value = ConfigFactory.parse_string(f"v = {raw}")["v"]
-        except (ConfigException, Exception):
+        except Exception:  # pyhocon raises its own and pyparsing's exceptions
             raise ConfigError(f"{key} must be {_type_name(kind)}, got {raw!r}") from None
     return key, _coerce(key, value)
 
@@ -237,7 +236,7 @@ def load_options(conf_path: str, overrides: typing.Iterable[str] = (), **explici
         tree = ConfigFactory.parse_file(conf_path)
     except FileNotFoundError:
         raise ConfigError(f"config file {conf_path!r} does not exist") from None
-    except ConfigException as error:
+    except Exception as error:  # pyhocon raises its own and pyparsing's exceptions
         raise ConfigError(f"config file {conf_path!r} cannot be parsed: {error}") from None
     values = dict(tree.as_plain_ordered_dict())
     _check_known(values)

@@ -79,10 +79,11 @@ def make_run_dir(options, run_id: int) -> str:
     raise UserError(f"could not create a new run directory under {options.save_path!r}")
 
 
-def _add_file_log(run_dir: str) -> None:
+def _add_file_log(run_dir: str) -> logging.Handler:
     handler = logging.FileHandler(os.path.join(run_dir, "train.log"))
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
+    return handler
 
 
 def _load_checkpoint(run_dir: str) -> dict:
@@ -129,14 +130,22 @@ def run(args) -> dict:
     test_loader = build_test_loader(options)
 
     run_dir = args.resume or make_run_dir(options, run_id)
-    _add_file_log(run_dir)
+    log_handler = _add_file_log(run_dir)
+    try:
+        meta = {"id": run_id, "seed": seed, "teacher_weights": teacher_source, "device": str(device)}
+        return _train(options, checkpoint, teacher, test_loader, device, run_dir, meta)
+    finally:
+        logging.getLogger().removeHandler(log_handler)
+        log_handler.close()
+
+
+def _train(options, checkpoint, teacher, test_loader, device, run_dir, meta) -> dict:
     if checkpoint is None:
         with open(os.path.join(run_dir, "config.hocon"), "w") as f:
             f.write(options.to_hocon())
     for key, reason in LEGACY_KEYS.items():
         logger.debug("config key %s has no effect: %s", key, reason)
-    logger.info("run directory %s on %s (seed %d)", run_dir, device, seed)
-    meta = {"id": run_id, "seed": seed, "teacher_weights": teacher_source, "device": str(device)}
+    logger.info("run directory %s on %s (seed %d)", run_dir, device, meta["seed"])
     trainer = Trainer(options, teacher, test_loader, device, run_dir, meta)
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)

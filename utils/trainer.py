@@ -248,6 +248,7 @@ class Trainer:
                 self._interrupt(epoch)
         progress.close()
         means = dict(zip(LOSS_NAMES, self.history.mean(0).tolist()))
+        self.iteration, self.history = 0, None
         return {"lr_S": lr_S, "lr_G": lr_G, **means, "train_seconds": time.time() - started}
 
     def _interrupt(self, epoch: int) -> None:
@@ -318,7 +319,7 @@ class Trainer:
                               epoch_seconds=time.time() - epoch_start)
                 self.metrics.append(record)
                 self._log_epoch(record)
-                self.epoch, self.iteration, self.history = epoch + 1, 0, None
+                self.epoch = epoch + 1
                 self.elapsed += time.time() - self._session_start
                 self._session_start = time.time()
                 self.save_checkpoint()

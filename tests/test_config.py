@@ -1,0 +1,92 @@
+import pytest
+
+from utils.config import Options, load_options, parse_override
+from utils.errors import ConfigError
+
+from .conftest import CIFAR10_CONF, CIFAR10A_CONF, ROOT
+
+
+def test_official_configs_load_with_official_values():
+    c10 = load_options(CIFAR10_CONF)
+    assert (c10.batchSize, c10.nEpochs, c10.warmup_epochs, c10.temperature, c10.lr_S, c10.lr_G) == \
+        (16, 200, 4, 20.0, 1e-4, 1e-3)
+    assert c10.step_S == [100, 200, 300] and c10.iters_per_epoch == 200
+    c100 = load_options(f"{ROOT}/CIFAR/cifar100_resnet20.hocon")
+    assert (c100.dataset, c100.network, c100.nClasses, c100.batchSize) == ("cifar100", "resnet20_cifar100", 100, 200)
+
+
+def test_resnet20a_config_includes_the_cifar10_settings():
+    options = load_options(CIFAR10A_CONF)
+    assert options.network == "resnet20a_cifar10"
+    assert options.norm_mean == [0.485, 0.456, 0.406] and options.norm_std == [0.229, 0.224, 0.225]
+    assert options.batchSize == 16 and options.temperature == 20.0
+
+
+def test_command_line_bits_and_overrides():
+    options = load_options(CIFAR10_CONF, ["lr_S=2e-4", "step_S=[5, 10]", "dataPath=https://x.org/a:b//c",
+                                          "tensorboard=true", "norm_mean=[0.5, 0.5, 0.5]"], qw=5, qa=4)
+    assert (options.qw, options.qa, options.lr_S, options.step_S) == (5, 4, 2e-4, [5, 10])
+    assert options.dataPath == "https://x.org/a:b//c" and options.tensorboard is True
+    assert options.norm_mean == [0.5, 0.5, 0.5]
+
+
+def test_override_types():
+    assert parse_override("batchSize=32") == ("batchSize", 32)
+    assert parse_override("temperature=5") == ("temperature", 5.0)
+    assert parse_override('teacher_weights="my file.pth"') == ("teacher_weights", "my file.pth")
+
+
+def test_unknown_key_names_it_and_the_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\): bachSize\. Valid keys: .*batchSize"):
+        load_options(CIFAR10_CONF, ["bachSize=3"])
+    conf = tmp_path / "bad.hocon"
+    conf.write_text(f'include "{CIFAR10_CONF}"\nlearning_rate = 0.1\n')
+    with pytest.raises(ConfigError, match="unknown config key.*learning_rate"):
+        load_options(str(conf))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("batchSize=abc", "batchSize must be an integer, got 'abc'"),
+    ("batchSize=1.5", "batchSize must be an integer, got 1.5"),
+    ("lr_S=fast", "lr_S must be a number"),
+    ("step_S=[1, x]", "step_S must be a list of integers"),
+    ("tensorboard=3", "tensorboard must be true or false"),
+    ("qa=9", "qa = 9 is out of range"),
+    ("qw=1", "qw = 1 is out of range"),
+    ("nClasses=100", "nClasses = 100 disagrees with network 'resnet20_cifar10'"),
+    ("network=resnet18", "network 'resnet18' is a imagenet model but dataset = 'cifar10'"),
+    ("network=vgg", "network = 'vgg' is unknown; known networks:"),
+    ("act_mode=minmax", "act_mode = 'minmax' is not valid; choose one of: granq, layerwise"),
+    ("weight_granularity=tensor", "weight_granularity = 'tensor' is not valid"),
+    ("batchSize=0", "batchSize = 0 must be at least 1"),
+    ("iters_per_epoch=0", "iters_per_epoch = 0 must be at least 1"),
+    ("temperature=0", "temperature = 0.0 must be positive"),
+    ("img_size=30", "img_size = 30 must be a positive multiple of 4"),
+    ("norm_std=[1, 1]", r"norm_std = \[1.0, 1.0\] needs 3 values"),
+    ("lrPolicy_S=cosine", "lrPolicy_S = 'cosine' is not valid"),
+    ("nosuchkey", "--set expects key=value"),
+])
+def test_bad_values_get_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_options(CIFAR10_CONF, [override])
+
+
+def test_missing_and_unparsable_config(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_options(str(tmp_path / "none.hocon"))
+    bad = tmp_path / "bad.hocon"
+    bad.write_text("batchSize = [1,\n")
+    with pytest.raises(ConfigError, match="cannot be parsed"):
+        load_options(str(bad))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    options = load_options(CIFAR10A_CONF, ["dataPath=/data/c10", "qw=5"])
+    path = tmp_path / "config.hocon"
+    path.write_text(options.to_hocon())
+    assert load_options(str(path)) == options
+
+
+def test_generator_follows_dataset():
+    assert Options().generator_kind == "label_embedding"
+    assert Options(dataset="imagenet", generator="").generator_kind == "conditional_bn"

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from utils.config import load_options
+from utils.data import build_test_loader, find_image_folder, normalization
+from utils.errors import UserError
+
+from .conftest import CIFAR10_CONF, CIFAR10_JPEG, make_image_folder, needs_shared_data
+
+
+def options(data_path, *sets):
+    return load_options(CIFAR10_CONF, [f"dataPath={data_path}", "nThreads=0", "test_batch_size=4", *sets])
+
+
+def test_image_folder_is_detected_and_normalised(cifar_folder):
+    loader = build_test_loader(options(cifar_folder))
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and labels.tolist() == [0, 0, 1, 1]
+    assert len(loader.dataset) == 20
+
+
+def test_normalisation_defaults_and_overrides(cifar_folder):
+    assert normalization(options(cifar_folder)) == ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    custom = options(cifar_folder, "norm_mean=[0, 0, 0]", "norm_std=[1, 1, 1]")
+    images, _ = next(iter(build_test_loader(custom)))
+    assert images.min() >= 0 and images.max() <= 1  # plain ToTensor values
+
+
+def test_parent_with_val_folder(tmp_path):
+    make_image_folder(tmp_path / "val", classes=10, per_class=1, size=32)
+    assert find_image_folder(str(tmp_path)) == str(tmp_path / "val")
+
+
+def test_wrong_number_of_classes(tmp_path):
+    make_image_folder(tmp_path, classes=3, per_class=1, size=32)
+    with pytest.raises(UserError, match="has 3 class folders but nClasses = 10"):
+        build_test_loader(options(tmp_path))
+
+
+def test_empty_data_path():
+    with pytest.raises(UserError, match="dataPath is empty"):
+        build_test_loader(options(""))
+
+
+def test_offline_cifar_download_is_a_clear_error(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def offline(self, *args, **kwargs):
+        raise RuntimeError("network unreachable")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", offline)
+    with pytest.raises(UserError, match="could not be downloaded.*ImageFolder"):
+        build_test_loader(options(tmp_path / "empty"))
+
+
+@needs_shared_data
+def test_shared_cifar10_jpeg_set():
+    loader = build_test_loader(options(CIFAR10_JPEG))
+    assert len(loader.dataset) == 10000
+    assert loader.dataset.classes[:3] == ["airplane", "automobile", "bird"]
+    assert isinstance(next(iter(loader))[0], torch.Tensor)
