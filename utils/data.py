@@ -4,9 +4,10 @@ import logging
 import os
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
+from . import distributed
 from .errors import UserError
 
 __all__ = ["NORMALIZATION", "build_test_loader", "find_image_folder", "normalization"]
@@ -82,6 +83,9 @@ def build_test_loader(options) -> DataLoader:
     else:
         dataset = _torchvision_cifar(options, transform)
     logger.info("test set: %d images from %s", len(dataset), root or options.dataPath)
+    if distributed.world_size() > 1:
+        # Each rank evaluates a disjoint share; evaluate() sums the counts over ranks.
+        dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
     return DataLoader(dataset, batch_size=options.test_batch_size, shuffle=False,
                       num_workers=min(options.nThreads, os.cpu_count() or 1), pin_memory=torch.cuda.is_available(),
                       persistent_workers=False)

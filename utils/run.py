@@ -19,13 +19,14 @@ import traceback
 import numpy as np
 import torch
 
+from . import distributed
 from .config import LEGACY_KEYS, load_options, options_from_dict
 from .data import build_test_loader
 from .errors import UserError
 from .models import build_teacher
 from .trainer import CHECKPOINT, RunInterrupted, Trainer
 
-__all__ = ["build_parser", "main", "make_run_dir", "run", "select_device"]
+__all__ = ["Run", "build_parser", "main", "make_run_dir", "run", "setup"]
 
 logger = logging.getLogger("granq")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -43,14 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="resume even if the config differs from the run's")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
-
-
-def select_device(options) -> torch.device:
-    if torch.cuda.is_available():
-        index = options.GPU if options.GPU < torch.cuda.device_count() else 0
-        torch.backends.cudnn.benchmark = True
-        return torch.device("cuda", index)
-    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -110,8 +103,21 @@ def _resume_options(args, checkpoint: dict):
     return requested
 
 
-def run(args) -> dict:
-    """Build everything from ``args``, train, write summary.json; return the summary."""
+class Run:
+    """A prepared run: the trainer, its directory and its log file; call :meth:`close` when done."""
+
+    def __init__(self, trainer: Trainer, run_dir: str, log_handler: logging.Handler | None):
+        self.trainer, self.run_dir, self._log_handler = trainer, run_dir, log_handler
+
+    def close(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+
+def setup(args) -> Run:
+    """Validate the inputs, build teacher, data and trainer, and create (or reopen) the run directory."""
     checkpoint = None
     if args.resume:
         checkpoint = _load_checkpoint(args.resume)
@@ -122,43 +128,59 @@ def run(args) -> dict:
             raise UserError("--conf_path is required (or --resume RUN_DIR)")
         options = load_options(args.conf_path, args.set, qw=args.qw, qa=args.qa)
         run_id, seed = args.id, args.id + 1
-    seed_everything(seed)
-    device = select_device(options)
+    device = distributed.init_from_env(options.GPU)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    # Every rank draws its own noise; DDP gives all of them rank 0's initial weights.
+    seed_everything(seed + 1000 * distributed.rank())
 
     # Everything that can fail on bad input happens before the run directory exists.
     teacher, teacher_source = build_teacher(options.network, options.teacher_weights)
     test_loader = build_test_loader(options)
 
-    run_dir = args.resume or make_run_dir(options, run_id)
-    log_handler = _add_file_log(run_dir)
-    try:
-        meta = {"id": run_id, "seed": seed, "teacher_weights": teacher_source, "device": str(device)}
-        return _train(options, checkpoint, teacher, test_loader, device, run_dir, meta)
-    finally:
-        logging.getLogger().removeHandler(log_handler)
-        log_handler.close()
-
-
-def _train(options, checkpoint, teacher, test_loader, device, run_dir, meta) -> dict:
-    if checkpoint is None:
-        with open(os.path.join(run_dir, "config.hocon"), "w") as f:
-            f.write(options.to_hocon())
+    run_dir = args.resume
+    if run_dir is None:
+        run_dir = distributed.broadcast_object(make_run_dir(options, run_id) if distributed.rank() == 0 else None)
+    log_handler = None
+    if distributed.rank() == 0:
+        log_handler = _add_file_log(run_dir)
+        if checkpoint is None:
+            with open(os.path.join(run_dir, "config.hocon"), "w") as f:
+                f.write(options.to_hocon())
     for key, reason in LEGACY_KEYS.items():
         logger.debug("config key %s has no effect: %s", key, reason)
-    logger.info("run directory %s on %s (seed %d)", run_dir, device, meta["seed"])
+    logger.info("run directory %s on %s (seed %d, %d process(es))", run_dir, device, seed, distributed.world_size())
+    meta = {"id": run_id, "seed": seed, "teacher_weights": teacher_source, "device": str(device)}
     trainer = Trainer(options, teacher, test_loader, device, run_dir, meta)
     if checkpoint is not None:
-        trainer.load_state_dict(checkpoint)
+        try:
+            trainer.load_state_dict(checkpoint)
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise UserError(f"--resume {run_dir!r}: the checkpoint does not fit network {options.network!r} "
+                            f"with this config; is it from another model? ({str(error).splitlines()[0]})") from None
         logger.info("resumed at epoch %d, iteration %d", trainer.epoch + 1, trainer.iteration)
-    summary = trainer.fit()
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+    return Run(trainer, run_dir, log_handler)
+
+
+def run(args) -> dict:
+    """Set up, train and write summary.json; return the summary."""
+    prepared = setup(args)
+    try:
+        summary = prepared.trainer.fit()
+        if distributed.rank() == 0:
+            with open(os.path.join(prepared.run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        return summary
+    finally:
+        prepared.close()
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    # Under torchrun only rank 0 reports progress; the others speak up for warnings and errors.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format=LOG_FORMAT, stream=sys.stderr,
+                        force=True)
     try:
         summary = run(args)
     except UserError as error:
@@ -169,5 +191,8 @@ def main(argv=None) -> int:
     except RunInterrupted as interrupted:
         print(str(interrupted), file=sys.stderr)
         return interrupted.exit_code
-    print(json.dumps(summary), flush=True)
+    finally:
+        distributed.shutdown()
+    if is_main:
+        print(json.dumps(summary), flush=True)
     return 0

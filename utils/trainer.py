@@ -3,6 +3,8 @@
 One trainer serves every dataset and network: the config picks the generator, the registry the model.
 """
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -13,10 +15,13 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from quantization_utils import QuantAct, quantize_model, set_act_tracking
 
+from . import distributed
 from .errors import UserError
 from .generator import build_generator
 from .losses import BNStatistics, kd_loss, marginal_loss, onehot_loss
@@ -52,21 +57,22 @@ def learning_rate(base: float, policy: str, steps, decay: float, epoch: int) -> 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy in percent. Counts stay on the device until the end."""
+    """Top-1 and top-5 accuracy in percent over ``loader`` (summed over ranks when distributed).
+
+    Counts stay on the device until the end: one synchronisation per evaluation.
+    """
     model.eval()
-    correct = torch.zeros(2, dtype=torch.long, device=device)
-    total = 0
+    counts = torch.zeros(3, dtype=torch.long, device=device)  # top-1 hits, top-5 hits, images
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         logits = model(images)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        correct += torch.stack([top[:, 0].sum(), top.any(dim=1).sum()])
-        total += labels.shape[0]
+        counts += torch.stack([top[:, 0].sum(), top.any(dim=1).sum(), counts.new_tensor(labels.shape[0])])
+    top1_hits, top5_hits, total = distributed.all_reduce(counts).tolist()
     if total == 0:
         raise UserError("the test set is empty")
-    top1, top5 = (100.0 * correct.double() / total).tolist()
-    return top1, top5
+    return 100.0 * top1_hits / total, 100.0 * top5_hits / total
 
 
 def _rng_state() -> dict:
@@ -109,6 +115,14 @@ class Trainer:
         self.generator = build_generator(options).to(device).train()
         self.student_params = list(self.student.parameters())
         self.generator_params = list(self.generator.parameters())
+        self.is_main = distributed.rank() == 0
+        # Under torchrun both networks are wrapped in DDP (which also makes rank 0's initial weights
+        # everyone's); checkpoints always hold the unwrapped modules.
+        self.student_forward, self.generator_forward = self.student, self.generator
+        if distributed.is_distributed():
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.student_forward = DistributedDataParallel(self.student, device_ids=device_ids)
+            self.generator_forward = DistributedDataParallel(self.generator, device_ids=device_ids)
         self.opt_S = self._student_optimizer()
         self.opt_G = torch.optim.Adam(self.generator_params, lr=options.lr_G, betas=(options.b1, options.b2))
         self.bn_stats = BNStatistics(self.teacher)
@@ -151,7 +165,7 @@ class Trainer:
             "teacher_top5": self.teacher_top5,
             "metrics": self.metrics,
             "elapsed": self.elapsed,
-            "rng": _rng_state(),
+            "rng": distributed.all_gather_objects(_rng_state()),  # one entry per rank
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -163,14 +177,23 @@ class Trainer:
                     "teacher_top1", "teacher_top5", "metrics", "elapsed"):
             setattr(self, key, state[key])
         self.history = None if state["history"] is None else state["history"].to(self.device)
-        _set_rng_state(state["rng"])
+        rng = state["rng"]
+        if len(rng) != distributed.world_size():
+            raise UserError(f"the checkpoint was written by {len(rng)} process(es); resume it with as many "
+                            f"(this run has {distributed.world_size()})")
+        _set_rng_state(rng[distributed.rank()])
 
     def save_checkpoint(self) -> str:
+        """Write the checkpoint (rank 0); every rank must call this, as it gathers their RNG states."""
         path = os.path.join(self.run_dir, CHECKPOINT)
-        atomic_save(self.state_dict(), path)
+        state = self.state_dict()
+        if self.is_main:
+            atomic_save(state, path)
         return path
 
     def _save_best(self) -> None:
+        if not self.is_main:
+            return
         atomic_save({"format": 1, "options": self.options.to_dict(), "meta": self.meta,
                      "student": self.student.state_dict(), "epoch": self.epoch,
                      "top1": self.best_top1, "top5": self.best_top5},
@@ -181,10 +204,13 @@ class Trainer:
         o = self.options
         z = torch.randn(o.batchSize, o.latent_dim, device=self.device)
         labels = torch.randint(0, o.nClasses, (o.batchSize,), device=self.device)
-        images = self.generator(z, labels)
+        images = self.generator_forward(z, labels)
         with self.bn_stats.capture():
             teacher_logits = self.teacher(images)
-        student_logits = self.student(images)
+        # During warm-up the student gets no backward pass: keep DDP from waiting for one.
+        with contextlib.nullcontext() if train_student or not distributed.is_distributed() \
+                else self.student_forward.no_sync():
+            student_logits = self.student_forward(images)
 
         bns = self.bn_stats.loss()
         onehot = onehot_loss(teacher_logits, student_logits, labels, o.alpha_ds, o.alpha_as)
@@ -216,13 +242,30 @@ class Trainer:
         return lr_S, lr_G
 
     def _check_finite(self, rows: torch.Tensor, first_iteration: int, epoch: int) -> None:
-        bad = (~torch.isfinite(rows)).nonzero()
-        if len(bad):
-            row, column = bad[0].tolist()
-            raise NonFiniteLossError(
-                f"loss {LOSS_NAMES[column]} became {rows[row, column].item()} at epoch {epoch + 1}, iteration "
-                f"{first_iteration + row + 1}; stopped. The last good checkpoint in {self.run_dir} is kept; "
-                f"lower lr_S / lr_G or check the teacher weights")
+        """Raise on the first non-finite loss in ``rows`` (on every rank if any rank has one)."""
+        bad = (~torch.isfinite(rows)).nonzero().tolist()
+        anywhere = distributed.all_reduce(torch.tensor([len(bad)], device=self.device), dist.ReduceOp.MAX)
+        if not anywhere.item():
+            return
+        if not bad:
+            raise NonFiniteLossError(f"another process stopped on a non-finite loss at epoch {epoch + 1}")
+        row = bad[0][0]
+        # Name the term that went first: the total loss_G is non-finite whenever a term is.
+        column = min((c for r, c in bad if r == row), key=lambda c: c == LOSS_NAMES.index("loss_G"))
+        raise NonFiniteLossError(
+            f"loss {LOSS_NAMES[column]} became {rows[row, column].item()} at epoch {epoch + 1}, iteration "
+            f"{first_iteration + row + 1}; stopped. The last good checkpoint in {self.run_dir} is kept; "
+            f"lower lr_S / lr_G or check the teacher weights")
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process received SIGINT/SIGTERM (collective when distributed)."""
+        if not distributed.is_distributed():
+            return self._stop_signal is not None
+        flag = torch.tensor([self._stop_signal or 0], device=self.device)
+        signum = int(distributed.all_reduce(flag, dist.ReduceOp.MAX).item())
+        if signum and self._stop_signal is None:
+            self._stop_signal = signum
+        return bool(signum)
 
     def _train_epoch(self, epoch: int) -> dict:
         o = self.options
@@ -235,17 +278,21 @@ class Trainer:
         progress = _Progress(epoch, o.nEpochs, o.iters_per_epoch, self.iteration)
         checked = self.iteration
         started = time.time()
+        single = not distributed.is_distributed()
         for it in range(self.iteration, o.iters_per_epoch):
             self.history[it] = self._step(train_student)
             self.iteration = it + 1
-            if self.iteration % o.log_interval == 0 or self.iteration == o.iters_per_epoch or self._stop_signal:
+            # Losses come back to the host once per interval. Under torchrun, ranks agree on stopping
+            # only at these points, so that they all run the same number of collective steps.
+            at_interval = self.iteration % o.log_interval == 0 or self.iteration == o.iters_per_epoch
+            if at_interval or (single and self._stop_signal is not None):
                 rows = self.history[checked:self.iteration].cpu()
                 self._check_finite(rows, checked, epoch)
                 checked = self.iteration
                 progress.update(self.iteration, dict(zip(LOSS_NAMES, rows.mean(0).tolist())))
-            if self._stop_signal is not None:
-                progress.close()
-                self._interrupt(epoch)
+                if self._stop_agreed() and self.iteration < o.iters_per_epoch:
+                    progress.close()
+                    self._interrupt(epoch)
         progress.close()
         means = dict(zip(LOSS_NAMES, self.history.mean(0).tolist()))
         self.iteration, self.history = 0, None
@@ -276,7 +323,7 @@ class Trainer:
             for _ in range(self.options.iters_per_epoch):
                 z = torch.randn(self.options.batchSize, self.options.latent_dim, device=self.device)
                 labels = torch.randint(0, self.options.nClasses, (self.options.batchSize,), device=self.device)
-                self.student(self.generator(z, labels))
+                self.student_forward(self.generator_forward(z, labels))
         set_act_tracking(self.student, False)
 
     def _evaluate_student(self) -> tuple[float, float]:
@@ -323,16 +370,29 @@ class Trainer:
                 self.elapsed += time.time() - self._session_start
                 self._session_start = time.time()
                 self.save_checkpoint()
-                if self._stop_signal is not None:
-                    self._interrupt(epoch + 1)
+                if self._stop_agreed() and self.epoch < o.nEpochs:
+                    self._interrupt(self.epoch)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         self.elapsed += time.time() - self._session_start
         self._session_start = time.time()
+        self._check_replicas()
         return self.summary()
 
+    def _check_replicas(self) -> None:
+        """Under torchrun, all students must end identical; record one checksum per rank."""
+        digest = hashlib.sha256()
+        for tensor in self.student.state_dict().values():
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.meta["student_sha256"] = distributed.all_gather_objects(digest.hexdigest()[:16])
+        if len(set(self.meta["student_sha256"])) > 1:
+            raise RuntimeError(f"the students of the {distributed.world_size()} processes diverged: "
+                               f"{self.meta['student_sha256']}")
+
     def _log_epoch(self, record: dict) -> None:
+        if not self.is_main:
+            return
         with open(self._metrics_file, "a") as f:
             f.write(json.dumps(record) + "\n")
         accuracy = (f"student top-1 {record['student_top1']:.2f}% top-5 {record['student_top5']:.2f}% "
@@ -361,6 +421,7 @@ class Trainer:
             "dataset": o.dataset,
             "batchSize": o.batchSize,
             "iters_per_epoch": o.iters_per_epoch,
+            "world_size": distributed.world_size(),
             **self.meta,
             "seconds": round(self.elapsed, 3),
             "run_dir": os.path.abspath(self.run_dir),

@@ -1,0 +1,26 @@
+import json
+import os
+import subprocess
+import sys
+
+from .conftest import ROOT, tiny_run_args
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path, cifar_folder):
+    save_path = tmp_path / "runs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(ROOT, "CIFAR", "main.py"), *tiny_run_args(save_path, cifar_folder)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1  # only rank 0 reports
+    summary = summaries[0]
+    assert summary["world_size"] == 2 and summary["epochs"] == 1
+    # after 2 iterations of DDP training both ranks hold the same student
+    assert len(summary["student_sha256"]) == 2 and len(set(summary["student_sha256"])) == 1
+    (run_dir,) = os.listdir(save_path)
+    with open(os.path.join(save_path, run_dir, "summary.json")) as f:
+        assert json.load(f) == summary
+    with open(os.path.join(save_path, run_dir, "metrics.jsonl")) as f:
+        assert len(f.readlines()) == 1

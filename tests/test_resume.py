@@ -1,0 +1,120 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import utils.trainer as trainer_module
+
+from .conftest import ROOT, last_json, run_main, tiny_run_args
+
+ACCURACY_KEYS = ("teacher_top1", "teacher_top5", "student_top1", "student_top5", "best_top1", "best_top5", "epochs")
+
+
+def resumable_args(save_path, data_path, *extra):
+    return tiny_run_args(save_path, data_path, "--set", "nEpochs=3", "--set", "iters_per_epoch=5",
+                         "--set", "batchSize=24", "--set", "log_interval=1", *extra)
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timings(records):
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in records]
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cifar_folder):
+    code, lines = run_main(resumable_args(tmp_path / "straight", cifar_folder))
+    assert code == 0
+    straight = last_json(lines)
+
+    save_path = tmp_path / "interrupted"
+    command = [sys.executable, os.path.join(ROOT, "CIFAR", "main.py"), *resumable_args(save_path, cifar_folder)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    run_dir = None
+    while time.time() < deadline and process.poll() is None:  # wait for epoch 1 to be recorded
+        runs = os.listdir(save_path) if save_path.exists() else []
+        if runs and os.path.exists(os.path.join(save_path, runs[0], "metrics.jsonl")):
+            run_dir = os.path.join(save_path, runs[0])
+            if metrics(run_dir):
+                break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert out == ""
+    assert f"Resume with: python {command[1]} --resume {run_dir}" in err
+    assert not os.path.exists(os.path.join(run_dir, "summary.json"))
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["iteration"]) < (3, 0)
+
+    code, lines = run_main(["--resume", run_dir])
+    assert code == 0
+    resumed = last_json(lines)
+    assert resumed["run_dir"] == run_dir
+    assert {k: resumed[k] for k in ACCURACY_KEYS} == {k: straight[k] for k in ACCURACY_KEYS}
+    assert without_timings(metrics(run_dir)) == without_timings(metrics(straight["run_dir"]))
+    with open(os.path.join(run_dir, "train.log")) as f:
+        log = f.read()
+    assert "SIGTERM received" in log and "resumed at epoch" in log
+
+
+def test_same_id_gives_the_same_summary(tmp_path, cifar_folder):
+    first = last_json(run_main(tiny_run_args(tmp_path / "a", cifar_folder, "--set", "nEpochs=2"))[1])
+    second = last_json(run_main(tiny_run_args(tmp_path / "b", cifar_folder, "--set", "nEpochs=2"))[1])
+    assert {k: first[k] for k in ACCURACY_KEYS} == {k: second[k] for k in ACCURACY_KEYS}
+    assert without_timings(metrics(first["run_dir"])) == without_timings(metrics(second["run_dir"]))
+
+
+def test_resume_refuses_a_different_config_unless_forced(tmp_path, cifar_folder, capsys):
+    run_dir = last_json(run_main(tiny_run_args(tmp_path, cifar_folder, "--set", "nEpochs=1"))[1])["run_dir"]
+    longer = tiny_run_args(tmp_path, cifar_folder, "--set", "nEpochs=2")
+    code, _ = run_main(["--resume", run_dir, *longer])
+    assert code == 2
+    assert "the config differs from the run's (nEpochs: 1 -> 2)" in capsys.readouterr().err
+    code, lines = run_main(["--resume", run_dir, "--force", *longer])
+    assert code == 0 and last_json(lines)["epochs"] == 2
+    assert [r["epoch"] for r in metrics(run_dir)] == [1, 2]
+
+
+def test_non_finite_loss_stops_with_its_name_and_keeps_the_checkpoint(tmp_path, cifar_folder, monkeypatch, capsys):
+    real = trainer_module.marginal_loss
+    calls = []
+
+    def poisoned(*args):
+        calls.append(1)
+        value = real(*args)
+        return value * float("nan") if len(calls) == 7 else value  # epoch 2, iteration 2
+
+    monkeypatch.setattr(trainer_module, "marginal_loss", poisoned)
+    code, lines = run_main(resumable_args(tmp_path, cifar_folder))
+    assert code == 2 and lines == []
+    err = capsys.readouterr().err
+    assert "error: loss marginal became nan at epoch 2, iteration 2; stopped." in err
+    (run_dir,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
+    assert not os.path.exists(os.path.join(run_dir, "summary.json"))
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["iteration"]) == (1, 0)
+
+
+def test_atomic_save_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    trainer_module.atomic_save({"epoch": 1}, str(path))
+
+    def crash(obj, f):
+        with open(f, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        trainer_module.atomic_save({"epoch": 2}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"epoch": 1}

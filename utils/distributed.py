@@ -1,0 +1,68 @@
+"""Thin helpers over torch.distributed; every function also works in a single process."""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["all_gather_objects", "all_reduce", "broadcast_object", "init_from_env", "is_distributed", "rank",
+           "shutdown", "world_size"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def init_from_env(gpu: int = 0) -> torch.device:
+    """Join the process group that torchrun describes in the environment; return this rank's device.
+
+    NCCL when CUDA is available (one GPU per local rank), Gloo on CPU. Without torchrun (no
+    WORLD_SIZE, or 1) nothing is initialised and the device is GPU ``gpu`` or the CPU.
+    """
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0")) if distributed else gpu
+        device = torch.device("cuda", local if local < torch.cuda.device_count() else 0)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if distributed and not is_distributed():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all-reduce (sum by default); a no-op in a single process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_objects(obj) -> list:
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
