@@ -43,6 +43,11 @@ def test_two_iteration_run_writes_its_outputs(tmp_path, cifar_folder):
     assert [r["epoch"] for r in records] == [1]
     assert {"loss_G", "loss_S", "bns", "onehot", "marginal", "student_top1", "lr_S", "lr_G"} <= records[0].keys()
     assert load_options(os.path.join(run_dir, "config.hocon")).iters_per_epoch == 2
+    # not a terminal: plain progress lines that name every loss
+    with open(os.path.join(run_dir, "train.log")) as f:
+        progress = [line for line in f if "epoch 1/1 iter 2/2" in line]
+    assert len(progress) == 1
+    assert all(f" {name} " in progress[0] for name in ("loss_G", "marginal", "onehot", "bns", "loss_S"))
 
 
 def test_runs_never_overwrite_each_other(tmp_path, cifar_folder):
