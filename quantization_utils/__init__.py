@@ -1,5 +1,12 @@
 """Fake quantization for zero-shot QAT: GranQ's per-(sample, channel) activation quantizer and baselines."""
 
+from .checkpoint import (
+    CheckpointError,
+    load_quantized_model,
+    read_student_checkpoint,
+    rebuild_student,
+    resolve_student_checkpoint,
+)
 from .functional import (
     StraightThroughFakeQuant,
     channel_loop_fake_quant,
@@ -15,6 +22,7 @@ from .quantize import count_modules, quantize_model, set_act_tracking
 
 __all__ = [
     "ACT_MODES",
+    "CheckpointError",
     "QuantAct",
     "QuantConv2d",
     "QuantLinear",
@@ -25,8 +33,12 @@ __all__ = [
     "fake_quantize",
     "granq_fake_quant",
     "layerwise_fake_quant",
+    "load_quantized_model",
     "quant_params",
     "quantize_model",
+    "read_student_checkpoint",
+    "rebuild_student",
+    "resolve_student_checkpoint",
     "set_act_tracking",
     "weight_fake_quant",
 ]

@@ -1,0 +1,95 @@
+import os
+
+import pytest
+import torch
+
+from quantization_utils import (
+    CheckpointError,
+    QuantAct,
+    QuantConv2d,
+    load_quantized_model,
+    resolve_student_checkpoint,
+    set_act_tracking,
+)
+from utils.config import load_options
+from utils.models import build_teacher
+from utils.trainer import BEST_STUDENT, CHECKPOINT, Trainer
+
+from .conftest import CIFAR10_CONF, CIFAR10A_CONF
+
+
+def _trained_trainer(run_dir, conf, *sets):
+    options = load_options(conf, ["batchSize=4", "iters_per_epoch=2", "warmup_epochs=0", "nEpochs=1", *sets])
+    torch.manual_seed(0)
+    teacher, _ = build_teacher(options.network, "random")
+    trainer = Trainer(options, teacher, None, torch.device("cpu"), str(run_dir), {"id": 0, "seed": 1})
+    trainer._train_epoch(0)  # moves the student's weights and, in layer-wise mode, its ranges
+    trainer.epoch = 1
+    return trainer
+
+
+@pytest.mark.parametrize("conf, sets", [
+    (CIFAR10_CONF, ("qw=3", "qa=4")),
+    (CIFAR10A_CONF, ("qw=4", "qa=3", "act_mode=layerwise", "weight_granularity=channel")),
+])
+def test_rebuilt_student_gives_identical_outputs(tmp_path, conf, sets):
+    trainer = _trained_trainer(tmp_path, conf, *sets)
+    trainer.save_checkpoint()
+    student = load_quantized_model(str(tmp_path))
+    images = torch.randn(6, 3, 32, 32)
+    set_act_tracking(trainer.student, False)  # as the trainer does before evaluating
+    with torch.no_grad():
+        assert torch.equal(student(images), trainer.student(images))
+    assert not student.training
+    assert type(student) is type(trainer.student)
+    conv = next(m for m in student.modules() if isinstance(m, QuantConv2d))
+    act = next(m for m in student.modules() if isinstance(m, QuantAct))
+    options = trainer.options
+    assert (conv.weight_bits, conv.weight_granularity, act.bits, act.mode) == (
+        options.qw, options.weight_granularity, options.qa, options.act_mode)
+    # Evaluation must not move layer-wise ranges: they are frozen after loading.
+    assert not act.tracking
+
+
+def test_layerwise_ranges_come_from_the_file(tmp_path):
+    trainer = _trained_trainer(tmp_path, CIFAR10_CONF, "act_mode=layerwise")
+    trainer.save_checkpoint()
+    saved = [m.x_max.clone() for m in trainer.student.modules() if isinstance(m, QuantAct)]
+    loaded = [m.x_max for m in load_quantized_model(str(tmp_path)).modules() if isinstance(m, QuantAct)]
+    assert len(saved) == len(loaded) == 19 and all(s > 0 for s in saved)
+    assert all(torch.equal(s, t) for s, t in zip(saved, loaded))
+
+
+def test_run_directory_resolves_to_the_last_student(tmp_path):
+    open(tmp_path / BEST_STUDENT, "w").close()
+    assert resolve_student_checkpoint(str(tmp_path)) == os.path.join(tmp_path, BEST_STUDENT)
+    open(tmp_path / CHECKPOINT, "w").close()
+    assert resolve_student_checkpoint(str(tmp_path)) == os.path.join(tmp_path, CHECKPOINT)
+    assert resolve_student_checkpoint(str(tmp_path / BEST_STUDENT)) == str(tmp_path / BEST_STUDENT)
+
+
+def test_unusable_paths_and_files_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="holds neither checkpoint.pt nor best_student.pt"):
+        load_quantized_model(str(tmp_path))
+    with pytest.raises(CheckpointError, match="neither a checkpoint file nor a run directory"):
+        load_quantized_model(str(tmp_path / "missing"))
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_quantized_model(str(tmp_path / "junk.pt"))
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a student checkpoint"):
+        load_quantized_model(str(tmp_path / "foreign.pt"))
+
+
+def test_mismatched_bits_or_architecture_are_reported(tmp_path):
+    trainer = _trained_trainer(tmp_path, CIFAR10_CONF, "act_mode=layerwise")
+    state = trainer.state_dict()
+    state["options"] = {**state["options"], "act_mode": "granq"}  # drops the layer-wise range buffers
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match="does not fit resnet20_cifar10 quantized with qw=3, qa=3, "
+                                              "act_mode=granq"):
+        load_quantized_model(str(tmp_path / "edited.pt"))
+    del state["options"]["qa"]
+    torch.save(state, tmp_path / "no_bits.pt")
+    with pytest.raises(CheckpointError, match="lack qa"):
+        load_quantized_model(str(tmp_path / "no_bits.pt"))

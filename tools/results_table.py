@@ -1,0 +1,43 @@
+"""Paper-style markdown table of finished runs, with the published numbers beside each cell.
+
+    python tools/results_table.py RUN_DIR_OR_FOLDER... [--metric student_top1|best_top1] [--output FILE]
+
+Every summary.json under the given paths counts once; runs that share dataset, network, teacher,
+bit-widths, act_mode, weight_granularity and training length are averaged (mean ± std over seeds).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils.errors import UserError  # noqa: E402
+from utils.results import METRICS, load_summaries, results_markdown  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("paths", nargs="+", metavar="RUN_DIR",
+                        help="run directories, folders holding runs (searched recursively) or summary.json files")
+    parser.add_argument("--metric", choices=METRICS, default="student_top1",
+                        help="student_top1: after the last epoch (default); best_top1: best evaluated epoch")
+    parser.add_argument("--output", metavar="FILE", help="also write the markdown to FILE")
+    args = parser.parse_args(argv)
+    try:
+        summaries = load_summaries(args.paths)
+        if not summaries:
+            raise UserError(f"no summary.json under {', '.join(args.paths)}: runs write it when they finish")
+        text = results_markdown(summaries, args.metric)
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text)
+    except (UserError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Collect runs' ``summary.json`` files into paper-style markdown tables with the published numbers beside.
+
+Layout, one table per quantizer setting (act_mode, weight_granularity) and training length:
+rows are dataset and model (with the teacher), columns the bit-widths (W3A3, W4A4, W5A5 always, others
+when present); each cell is the mean ± sample standard deviation of the chosen metric over the runs
+(seeds) that share the row, the bit-width and the setting, with their count, and a "paper" column beside
+each bit-width gives the best earlier method and GranQ's claim. A reference table with every published
+number of the rows shown follows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .errors import UserError
+from .published import DATASET_NAMES, EARLIER_METHODS, bits_label, load_published, paper_model
+
+__all__ = ["METRICS", "STANDARD_BITS", "find_summaries", "format_cell", "load_summaries", "mean_std",
+           "results_markdown"]
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("student_top1", "best_top1")
+STANDARD_BITS = ((3, 3), (4, 4), (5, 5))
+SUMMARY_FILE = "summary.json"
+
+ACT_MODE_TEXT = {"granq": "one range per (sample, channel), GranQ", "layerwise": "one range per layer, GDFQ family"}
+GRANULARITY_TEXT = {
+    "kernel": "one range per (out, in) kernel, as GranQ's published numbers; the earlier methods quantize "
+              "per output channel",
+    "channel": "one range per output channel, as the earlier methods; GranQ's published numbers quantize "
+               "per (out, in) kernel",
+}
+
+
+def find_summaries(paths) -> list[str]:
+    """``summary.json`` files under ``paths`` (files, run directories or folders searched recursively),
+    each once, sorted."""
+    found = set()
+    for path in paths:
+        if os.path.isfile(path):
+            found.add(os.path.realpath(path))
+        elif os.path.isdir(path):
+            for folder, _, files in os.walk(path):
+                if SUMMARY_FILE in files:
+                    found.add(os.path.realpath(os.path.join(folder, SUMMARY_FILE)))
+        else:
+            raise UserError(f"{path!r} does not exist; give run directories, folders of runs or summary.json files")
+    return sorted(found)
+
+
+def load_summaries(paths) -> list[dict]:
+    """The summaries found under ``paths``, each with its file path under ``summary_path``."""
+    summaries = []
+    for file in find_summaries(paths):
+        try:
+            with open(file) as f:
+                summary = json.load(f)
+        except ValueError as error:
+            raise UserError(f"{file} is not valid JSON ({error})") from None
+        missing = [k for k in ("dataset", "network", "qw", "qa", "act_mode", "weight_granularity") if k not in summary]
+        if missing:
+            raise UserError(f"{file} lacks {', '.join(missing)}: is it a summary.json of this project?")
+        summaries.append({**summary, "summary_path": file})
+    return summaries
+
+
+def mean_std(values) -> tuple[float, float | None, int]:
+    """(mean, sample standard deviation or None for one value, count).
+
+    >>> mean_std([83.0, 84.0, 85.0])
+    (84.0, 1.0, 3)
+    """
+    values = list(values)
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return statistics.fmean(values), std, len(values)
+
+
+def format_cell(values) -> str:
+    """``mean ± std (n=k)``; one run has no spread to show.
+
+    >>> format_cell([83.0, 84.0, 85.5])
+    '84.17 ± 1.26 (n=3)'
+    >>> format_cell([70.0])
+    '70.00 (n=1)'
+    """
+    mean, std, n = mean_std(values)
+    return f"{mean:.2f} (n=1)" if std is None else f"{mean:.2f} ± {std:.2f} (n={n})"
+
+
+@dataclass(frozen=True, order=True)
+class _Row:
+    dataset: str
+    network: str
+    teacher: str  # file name of the teacher weights, so runs of different teachers are never averaged
+
+
+@dataclass(frozen=True, order=True)
+class _Setting:
+    act_mode: str
+    weight_granularity: str
+    epochs: int
+    iters_per_epoch: int
+
+
+def _teacher_name(summary: dict) -> str:
+    source = summary.get("teacher_weights") or "unknown"
+    return source if source in ("random", "unknown") else os.path.basename(source)
+
+
+def _published_index():
+    index = defaultdict(list)
+    for p in load_published():
+        index[(p.dataset, p.model, p.bits)].append(p)
+    return index
+
+
+def _paper_cell(published: list) -> str:
+    earlier = [p for p in published if p.method in EARLIER_METHODS]
+    parts = []
+    if earlier:
+        best = max(earlier, key=lambda p: p.top1)
+        parts.append(f"{best.method} {best.label()}")
+    parts += [f"GranQ {p.label()}" for p in published if p.method == "GranQ"]
+    return "; ".join(parts) or "–"
+
+
+def _table(setting: _Setting, runs: list[dict], metric: str, published) -> list[str]:
+    bit_pairs = sorted(set(STANDARD_BITS) | {(s["qw"], s["qa"]) for s in runs})
+    cells = defaultdict(list)
+    teachers = defaultdict(list)
+    for s in runs:
+        row = _Row(s["dataset"], s["network"], _teacher_name(s))
+        cells[row, (s["qw"], s["qa"])].append(s[metric])
+        if s.get("teacher_top1") is not None:
+            teachers[row].append(s["teacher_top1"])
+    header = ["dataset", "model", "teacher weights", "FP top-1: ours (paper)"]
+    for qw, qa in bit_pairs:
+        header += [bits_label(qw, qa), f"paper {bits_label(qw, qa)}"]
+    lines = [
+        f"### act_mode = {setting.act_mode}, weight_granularity = {setting.weight_granularity}, "
+        f"{setting.epochs} epochs x {setting.iters_per_epoch} iterations",
+        "",
+        f"Activations: {ACT_MODE_TEXT.get(setting.act_mode, setting.act_mode)}. "
+        f"Weights: {GRANULARITY_TEXT.get(setting.weight_granularity, setting.weight_granularity)}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in sorted({row for row, _ in cells}):
+        model = paper_model(row.network)
+        fp = [p for p in published.get((row.dataset, model, "FP"), [])]
+        ours = f"{statistics.fmean(teachers[row]):.2f}" if teachers[row] else "–"
+        paper_fp = fp[0].label() if fp else "–"
+        line = [DATASET_NAMES.get(row.dataset, row.dataset), f"{model} (`{row.network}`)", f"`{row.teacher}`",
+                f"{ours} ({paper_fp})"]
+        for qw, qa in bit_pairs:
+            values = cells.get((row, (qw, qa)))
+            line += [format_cell(values) if values else "–",
+                     _paper_cell(published.get((row.dataset, model, bits_label(qw, qa)), []))]
+        lines.append("| " + " | ".join(line) + " |")
+    return lines
+
+
+def _reference_table(keys, published) -> list[str]:
+    methods = list(EARLIER_METHODS) + ["GranQ"]
+    lines = ["### Published top-1 (%) for these rows", "",
+             "| dataset | model | bits | " + " | ".join(methods) + " |", "|" + "---|" * (3 + len(methods))]
+    for dataset, model, bits in sorted(keys):
+        by_method = {p.method: p.label() for p in published.get((dataset, model, bits), [])}
+        if not by_method:
+            continue
+        lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {model} | {bits} | "
+                     + " | ".join(by_method.get(m, "–") for m in methods) + " |")
+    return lines + ["", "† re-run by AdaDFQ with the authors' code; ≈ about; > above (the paper states a lower "
+                        "bound); – not reported. GranQ: its abstract (per-cell tables are images only). Source: "
+                        "`utils/published_numbers.csv`."]
+
+
+def results_markdown(summaries: list[dict], metric: str = "student_top1") -> str:
+    """Markdown tables of ``summaries`` (from :func:`load_summaries`) for ``metric``."""
+    if metric not in METRICS:
+        raise UserError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    usable = []
+    for s in summaries:
+        if s.get(metric) is None:
+            logger.warning("%s has no %s; left out", s.get("summary_path", "a summary"), metric)
+        else:
+            usable.append(s)
+    if not usable:
+        raise UserError(f"no run with a {metric} to tabulate")
+    settings = defaultdict(list)
+    for s in usable:
+        settings[_Setting(s["act_mode"], s["weight_granularity"], s.get("epochs", -1),
+                          s.get("iters_per_epoch", -1))].append(s)
+    published = _published_index()
+    what = {"student_top1": "top-1 (%) of the student after the last epoch",
+            "best_top1": "best top-1 (%) over the evaluated epochs (chosen on the test set, so optimistic)"}[metric]
+    lines = [f"Metric: `{metric}`, {what}; mean ± sample standard deviation over runs (seeds), n = runs. "
+             f"Each \"paper\" column: the best earlier method and GranQ's claim where one exists.", ""]
+    shown = set()
+    for setting in sorted(settings):
+        lines += _table(setting, settings[setting], metric, published) + [""]
+        for s in settings[setting]:
+            for qw, qa in set(STANDARD_BITS) | {(s["qw"], s["qa"])}:
+                shown.add((s["dataset"], paper_model(s["network"]), bits_label(qw, qa)))
+    return "\n".join(lines + _reference_table(shown, published)) + "\n"
