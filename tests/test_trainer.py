@@ -36,7 +36,8 @@ def test_two_iteration_run_writes_its_outputs(tmp_path, cifar_folder):
     assert os.path.dirname(run_dir) == str(tmp_path / "runs")
     with open(os.path.join(run_dir, "summary.json")) as f:
         assert json.load(f) == summary
-    for name in ("config.hocon", "train.log", "metrics.jsonl", "checkpoint.pt", "best_student.pt"):
+    for name in ("config.hocon", "train.log", "metrics.jsonl", "checkpoint.pt", "best_student.pt", "accuracy.png",
+                 "losses.png"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -48,6 +49,16 @@ def test_two_iteration_run_writes_its_outputs(tmp_path, cifar_folder):
         progress = [line for line in f if "epoch 1/1 iter 2/2" in line]
     assert len(progress) == 1
     assert all(f" {name} " in progress[0] for name in ("loss_G", "marginal", "onehot", "bns", "loss_S"))
+
+
+def test_eval_flag_reproduces_a_saved_student(tmp_path, cifar_folder):
+    summary = last_json(run_main(tiny_run_args(tmp_path, cifar_folder))[1])
+    code, lines = run_main(["--eval", summary["run_dir"], "--set", "nThreads=0"])
+    evaluated = last_json(lines)
+    assert code == 0
+    assert (evaluated["student_top1"], evaluated["student_top5"]) == (summary["student_top1"],
+                                                                      summary["student_top5"])
+    assert evaluated["recorded_top1"] == summary["student_top1"] and evaluated["qa"] == 4
 
 
 def test_runs_never_overwrite_each_other(tmp_path, cifar_folder):

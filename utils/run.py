@@ -2,6 +2,7 @@
 
     python CIFAR/main.py --conf_path CIFAR/cifar10_resnet20.hocon --id 1 --qw 3 --qa 3 [--set key=value ...]
     python CIFAR/main.py --resume RUN_DIR
+    python CIFAR/main.py --eval RUN_DIR [--set dataPath=...]
 
 The last line written to stdout is the run summary as one line of JSON; logs go to stderr and to
 ``train.log`` in the run directory.
@@ -23,6 +24,7 @@ from . import distributed
 from .config import LEGACY_KEYS, load_options, options_from_dict
 from .data import build_test_loader
 from .errors import UserError
+from .evaluate import evaluate_saved
 from .models import build_teacher
 from .trainer import CHECKPOINT, RunInterrupted, Trainer
 
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config key; repeatable")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument("--force", action="store_true", help="resume even if the config differs from the run's")
+    parser.add_argument("--eval", metavar="RUN_DIR_OR_FILE",
+                        help="evaluate a saved student (a run directory or a .pt file) and print its summary; "
+                             "--set dataPath=... points it at the test set")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 
@@ -182,7 +187,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format=LOG_FORMAT, stream=sys.stderr,
                         force=True)
     try:
-        summary = run(args)
+        summary = evaluate_saved(args.eval, overrides=args.set) if args.eval else run(args)
     except UserError as error:
         if args.debug:
             traceback.print_exc()

@@ -5,7 +5,6 @@ One trainer serves every dataset and network: the config picks the generator, th
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import random
@@ -25,6 +24,8 @@ from . import distributed
 from .errors import UserError
 from .generator import build_generator
 from .losses import BNStatistics, kd_loss, marginal_loss, onehot_loss
+from .metrics_writer import MetricsWriter
+from .plots import plot_run
 
 __all__ = ["LOSS_NAMES", "NonFiniteLossError", "RunInterrupted", "Trainer", "evaluate", "learning_rate"]
 
@@ -135,7 +136,8 @@ class Trainer:
         self.metrics: list[dict] = []
         self.elapsed = 0.0
         self._stop_signal = None
-        self._metrics_file = os.path.join(run_dir, "metrics.jsonl")
+        # Rank 0 writes metrics.jsonl (and TensorBoard scalars); a missing tensorboard fails here, early.
+        self.metrics_writer = MetricsWriter(run_dir, options.tensorboard) if self.is_main else None
 
     def _student_optimizer(self):
         o = self.options
@@ -191,11 +193,11 @@ class Trainer:
             atomic_save(state, path)
         return path
 
-    def _save_best(self) -> None:
+    def _save_best(self, epochs_done: int) -> None:
         if not self.is_main:
             return
         atomic_save({"format": 1, "options": self.options.to_dict(), "meta": self.meta,
-                     "student": self.student.state_dict(), "epoch": self.epoch,
+                     "student": self.student.state_dict(), "epoch": epochs_done,
                      "top1": self.best_top1, "top5": self.best_top5},
                     os.path.join(self.run_dir, BEST_STUDENT))
 
@@ -335,11 +337,11 @@ class Trainer:
         last = epoch == o.nEpochs - 1
         return last or (epoch >= o.eval_start_epoch and (epoch + 1) % o.eval_every == 0)
 
-    def _record_accuracy(self, top1: float, top5: float) -> None:
+    def _record_accuracy(self, top1: float, top5: float, epochs_done: int) -> None:
         self.last_top1, self.last_top5 = top1, top5
         if self.best_top1 is None or top1 > self.best_top1:
             self.best_top1, self.best_top5 = top1, top5
-            self._save_best()
+            self._save_best(epochs_done)
 
     def fit(self) -> dict:
         """Run (or continue) training; return the summary."""
@@ -352,7 +354,7 @@ class Trainer:
                 logger.info("teacher %s: top-1 %.2f%%, top-5 %.2f%%", o.network, self.teacher_top1, self.teacher_top5)
             if o.nEpochs == 0:
                 self.calibrate_layerwise_ranges()
-                self._record_accuracy(*self._evaluate_student())
+                self._record_accuracy(*self._evaluate_student(), epochs_done=0)
                 logger.info("student W%dA%d (%s, no training): top-1 %.2f%%, top-5 %.2f%%",
                             o.qw, o.qa, o.act_mode, self.last_top1, self.last_top5)
             while self.epoch < o.nEpochs:
@@ -360,7 +362,7 @@ class Trainer:
                 epoch_start = time.time()
                 record = {"epoch": epoch + 1, **self._train_epoch(epoch)}
                 if self._should_evaluate(epoch):
-                    self._record_accuracy(*self._evaluate_student())
+                    self._record_accuracy(*self._evaluate_student(), epochs_done=epoch + 1)
                     record.update(student_top1=self.last_top1, student_top5=self.last_top5)
                 record.update(best_top1=self.best_top1, teacher_top1=self.teacher_top1,
                               epoch_seconds=time.time() - epoch_start)
@@ -375,6 +377,10 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if self.metrics_writer is not None:
+                self.metrics_writer.close()
+        if self.is_main:
+            plot_run(self.run_dir)
         self.elapsed += time.time() - self._session_start
         self._session_start = time.time()
         self._check_replicas()
@@ -393,8 +399,7 @@ class Trainer:
     def _log_epoch(self, record: dict) -> None:
         if not self.is_main:
             return
-        with open(self._metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.metrics_writer.write(record)
         accuracy = (f"student top-1 {record['student_top1']:.2f}% top-5 {record['student_top5']:.2f}% "
                     f"(best {record['best_top1']:.2f}%)" if "student_top1" in record else "not evaluated")
         logger.info("epoch %d/%d: %s | loss_G %.4f (marginal %.4f, onehot %.4f, bns %.4f) loss_S %.4f | "
