@@ -71,11 +71,17 @@ def build_test_loader(options) -> DataLoader:
     transform = _transform(options)
     root = find_image_folder(options.dataPath)
     if root is not None:
-        dataset = datasets.ImageFolder(root, transform)
+        # The class index is the position of the folder name in sorted order, so a subset of the test set
+        # must keep every class folder; folders without images are allowed for that.
+        dataset = datasets.ImageFolder(root, transform, allow_empty=True)
         found = len(dataset.classes)
         if found != options.nClasses:
             raise UserError(f"dataPath = {root!r} has {found} class folders but nClasses = {options.nClasses}; "
                             f"point dataPath to the {options.dataset} test/validation set")
+        empty = found - len(set(dataset.targets))
+        if empty:
+            logger.warning("%d of the %d class folders in %s hold no images: accuracy is measured on the other "
+                           "classes only", empty, found, root)
     elif options.dataset == "imagenet":
         state = "does not exist" if not os.path.exists(options.dataPath) else "holds no class folders of images"
         raise UserError(f"dataPath = {options.dataPath!r} {state}: point it to an ImageNet validation "

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# GranQ, ImageNet, ResNet-18, W4A4. Extra arguments go to main.py, e.g. --set dataPath=/data/imagenet
+exec bash "$(dirname "${BASH_SOURCE[0]}")/run.sh" imagenet_res18 4 "$@"

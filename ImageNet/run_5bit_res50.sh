@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# GranQ, ImageNet, ResNet-50, W5A5. Extra arguments go to main.py, e.g. --set dataPath=/data/imagenet
+exec bash "$(dirname "${BASH_SOURCE[0]}")/run.sh" imagenet_res50 5 "$@"
