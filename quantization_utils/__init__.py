@@ -10,11 +10,14 @@ from .functional import (
     quant_params,
     weight_fake_quant,
 )
+from .fused import GRANQ_IMPLS, CompiledGranQ, granq_function
 from .modules import ACT_MODES, QuantAct, QuantConv2d, QuantLinear
 from .quantize import count_modules, quantize_model, set_act_tracking
 
 __all__ = [
     "ACT_MODES",
+    "CompiledGranQ",
+    "GRANQ_IMPLS",
     "QuantAct",
     "QuantConv2d",
     "QuantLinear",
@@ -24,6 +27,7 @@ __all__ = [
     "count_modules",
     "fake_quantize",
     "granq_fake_quant",
+    "granq_function",
     "layerwise_fake_quant",
     "quant_params",
     "quantize_model",

@@ -18,6 +18,10 @@ The quantizers differ only in which elements share a range:
   per-channel implementation; kept as a speed baseline and a test oracle).
 - :func:`layerwise_fake_quant`: one range for the whole tensor, given by the caller (GDFQ family).
 - :func:`weight_fake_quant`: one range per (out, in) kernel or per output channel of a weight.
+
+:func:`granq_values` gives the GranQ values without a gradient rule, through :func:`grouped_values`, the
+pure function that :mod:`.fused` compiles; :class:`StraightThrough` gives such a function the
+straight-through gradient.
 """
 
 from __future__ import annotations
@@ -28,13 +32,19 @@ __all__ = [
     "MAX_BITS",
     "MIN_BITS",
     "WEIGHT_GRANULARITIES",
+    "StraightThrough",
     "StraightThroughFakeQuant",
     "channel_loop_fake_quant",
     "check_bits",
     "fake_quantize",
     "granq_fake_quant",
+    "granq_groups",
+    "granq_ungroup",
+    "granq_values",
+    "grouped_values",
     "layerwise_fake_quant",
     "per_row_fake_quant",
+    "per_row_params",
     "quant_params",
     "weight_fake_quant",
 ]
@@ -96,6 +106,34 @@ class StraightThroughFakeQuant(torch.autograd.Function):
         return grad_output, None, None, None
 
 
+class StraightThrough(torch.autograd.Function):
+    """Apply a value function in the forward pass; pass the gradient through unchanged in the backward pass.
+
+    forward:  y = values_fn(x, bits), computed without autograd (the function may be compiled)
+    backward: dL/dx = dL/dy
+    """
+
+    @staticmethod
+    def forward(ctx, x, values_fn, bits):
+        return values_fn(x, bits)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None
+
+
+def per_row_params(x: torch.Tensor, bits: int, leading_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of each index of the first ``leading_dims`` dimensions of ``x``.
+
+    The range of each row is the (min, max) over all remaining dimensions of the detached input;
+    the results have shape ``x.shape[:leading_dims] + (1,) * (x.dim() - leading_dims)``.
+    """
+    rows = x.detach().reshape(*x.shape[:leading_dims], -1)
+    lo, hi = torch.aminmax(rows, dim=-1, keepdim=True)
+    range_shape = x.shape[:leading_dims] + (1,) * (x.dim() - leading_dims)
+    return quant_params(lo.view(range_shape), hi.view(range_shape), bits)
+
+
 def per_row_fake_quant(x: torch.Tensor, bits: int, leading_dims: int) -> torch.Tensor:
     """Fake-quantize with one range per index of the first ``leading_dims`` dimensions.
 
@@ -103,10 +141,7 @@ def per_row_fake_quant(x: torch.Tensor, bits: int, leading_dims: int) -> torch.T
     input. ``leading_dims=2`` on [N, C, H, W] gives one range per (sample, channel).
     """
     check_bits(bits)
-    rows = x.detach().reshape(*x.shape[:leading_dims], -1)
-    lo, hi = torch.aminmax(rows, dim=-1, keepdim=True)
-    range_shape = x.shape[:leading_dims] + (1,) * (x.dim() - leading_dims)
-    scale, zero_point = quant_params(lo.view(range_shape), hi.view(range_shape), bits)
+    scale, zero_point = per_row_params(x, bits, leading_dims)
     return StraightThroughFakeQuant.apply(x, scale, zero_point)
 
 
@@ -129,6 +164,48 @@ def granq_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
     True
     """
     return per_row_fake_quant(x, bits, _activation_leading_dims(x))
+
+
+def granq_groups(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as [A, L, B], one GranQ range per (a, b) over L, in x's own memory order (a view when possible).
+
+    [N, C, H, W]: [N * C, H * W, 1], or [N, H * W, C] when x is channels_last; [N, F]: [N, F, 1].
+    :func:`granq_ungroup` maps the result back.
+    """
+    if _activation_leading_dims(x) == 1:
+        return x.reshape(x.shape[0], x.shape[1], 1)
+    n, c, h, w = x.shape
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).view(n, h * w, c)
+    return x.reshape(n * c, h * w, 1)
+
+
+def granq_ungroup(y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`granq_groups` for an activation of ``shape``."""
+    if len(shape) == 4 and y.shape[-1] != 1:
+        n, c, h, w = shape
+        return y.view(n, h, w, c).permute(0, 3, 1, 2)
+    return y.view(shape)
+
+
+def grouped_values(groups: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fake-quantize [A, L, B] with one (min, max) range per (a, b) over L; no gradient rule, no checks.
+
+    The pure function the fast path compiles: always 3-D, so one compilation serves every activation shape.
+    """
+    lo, hi = torch.aminmax(groups.detach(), dim=1, keepdim=True)
+    scale, zero_point = quant_params(lo, hi, bits)
+    return fake_quantize(groups, scale, zero_point)
+
+
+def granq_values(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The values of :func:`granq_fake_quant`, with no gradient rule.
+
+    >>> x = torch.randn(2, 3, 4, 4)
+    >>> torch.equal(granq_values(x, 3), granq_fake_quant(x, 3))
+    True
+    """
+    return granq_ungroup(grouped_values(granq_groups(x), bits), x.shape)
 
 
 def channel_loop_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from .functional import (
     WEIGHT_GRANULARITIES,
     check_bits,
-    granq_fake_quant,
     layerwise_fake_quant,
     weight_fake_quant,
 )
+from .fused import granq_function
 
 __all__ = ["ACT_MODES", "QuantAct", "QuantConv2d", "QuantLinear"]
 
@@ -93,9 +93,10 @@ class QuantAct(nn.Module):
     batch min and max, bias-corrected, updated while tracking (``unfix()``) and frozen by ``fix()``.
     Until the first tracked batch the layer-wise range is empty and the output is meaningless, so
     layer-wise ranges must be calibrated before use.
+    ``granq_impl`` picks the GranQ implementation (:func:`.fused.granq_function`): all give the same values.
     """
 
-    def __init__(self, bits: int, mode: str = "granq", momentum: float = 0.9):
+    def __init__(self, bits: int, mode: str = "granq", momentum: float = 0.9, granq_impl: str = "auto"):
         super().__init__()
         if mode not in ACT_MODES:
             raise ValueError(f"act_mode must be one of {ACT_MODES}, got {mode!r}")
@@ -103,7 +104,8 @@ class QuantAct(nn.Module):
         self.mode = mode
         self.momentum = momentum
         self.tracking = True
-        self.granq_fn = granq_fake_quant
+        self.granq_impl = granq_impl
+        self.granq_fn = granq_function(granq_impl)
         if mode == "layerwise":
             # Raw moving averages and momentum**steps; the range used is their bias-corrected ratio.
             self.register_buffer("running_min", torch.zeros(()))
@@ -138,4 +140,5 @@ class QuantAct(nn.Module):
         return layerwise_fake_quant(x, self.bits, self.x_min, self.x_max)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, mode={self.mode}"
+        impl = f", granq_impl={self.granq_impl}" if self.mode == "granq" else ""
+        return f"bits={self.bits}, mode={self.mode}{impl}"

@@ -102,8 +102,7 @@ class Trainer:
         self.meta = meta  # recorded in checkpoints and the summary: id, seed, teacher weights source
         self.teacher = teacher.to(device).eval()
         self.test_loader = test_loader
-        self.student = quantize_model(teacher, options.qw, options.qa, options.act_mode,
-                                      options.weight_granularity).to(device).eval()
+        self.student = self.build_student(teacher).to(device).eval()
         for parameter in self.student.parameters():
             parameter.requires_grad_(True)
         self.generator = build_generator(options).to(device).train()
@@ -122,6 +121,11 @@ class Trainer:
         self.elapsed = 0.0
         self._stop_signal = None
         self._metrics_file = os.path.join(run_dir, "metrics.jsonl")
+
+    def build_student(self, teacher: nn.Module) -> nn.Module:
+        """The fake-quantized copy of the teacher that training distils into (benchmarks override it)."""
+        o = self.options
+        return quantize_model(teacher, o.qw, o.qa, o.act_mode, o.weight_granularity, granq_impl=o.granq_impl)
 
     def _student_optimizer(self):
         o = self.options
