@@ -7,14 +7,18 @@ batch 200); teacher weights random (speed does not depend on them), student trai
 iteration (warmup_epochs = 0) and layer-wise ranges tracked, as in the first epochs. Students:
 
 - ``float``: an unquantized copy of the teacher (the floor: what any zero-shot QAT step costs here);
-- ``granq``: GranQ activations, the default fast path (``granq_impl = auto``);
+- ``granq``: GranQ activations and kernel-wise weights through the default fast path (``granq_impl = auto``);
 - ``granq eager``: the same with ``granq_impl = eager``;
-- ``layerwise``: one moving-average range per layer (GDFQ), eager.
+- ``layerwise``: one moving-average activation range per layer (GDFQ; eager), weights as ``granq``.
+
+Models are laid out as the trainer lays them out (channels_last teacher and student on the CPU);
+``--memory-format contiguous`` measures the default layout instead.
 
 The iterations of the students alternate (one of each per round) so that a busy machine slows all of
-them alike; each figure is the median, warm-up excluded. Peak memory is measured afterwards, one
-student at a time: on CUDA the allocator's peak, on CPU the peak resident set size of the process during
-a few iterations (also given above the resident size before them, which holds every student built).
+them alike; each figure is the median, warm-up excluded. Peak memory is measured afterwards in a fresh
+process per student that builds the trainer and runs 3 iterations: on CUDA the allocator's peak, on the
+CPU the peak resident set size (Python and torch included), each also as its rise above the figure once
+the models are built.
 The official GranQ code cannot run here; its figures, measured on the same kind of 2-core machine, are
 the reference for the speed-up (the issue's 0.21 s at batch 16, 3.1 s at batch 200).
 """
@@ -27,6 +31,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +54,6 @@ SETTINGS = {
 }
 # Seconds per iteration of the official GranQ CIFAR trainer on CPU, 2 cores (issue 4; not measured here).
 OFFICIAL_SECONDS = {"cifar10": 0.21, "cifar100": 3.1}
-MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 STUDENTS = {"float": [], "granq": ["granq_impl=auto"], "granq eager": ["granq_impl=eager"],
             "layerwise": ["act_mode=layerwise"]}
 
@@ -62,16 +66,16 @@ class FloatStudentTrainer(Trainer):
 
 
 def make_trainer(setting: str, student: str, device: torch.device, run_dir: str,
-                 memory_format: str = "contiguous") -> Trainer:
+                 memory_format: str = "trainer") -> Trainer:
     options = load_options(SETTINGS[setting], ["teacher_weights=random", "warmup_epochs=0",
                                                *STUDENTS[student]])
     torch.manual_seed(0)
     teacher, _ = build_teacher(options.network, "random")
     kind = FloatStudentTrainer if student == "float" else Trainer
     trainer = kind(options, teacher, None, device, run_dir, {"id": 0, "seed": 1})
-    if memory_format != "contiguous":  # not the trainer's layout: measured, not adopted (README, Speed)
+    if memory_format == "contiguous":  # undo the trainer's choice, to measure it
         for model in (trainer.teacher, trainer.student, trainer.generator):
-            model.to(memory_format=MEMORY_FORMATS[memory_format])
+            model.to(memory_format=torch.contiguous_format)
     trainer._set_learning_rates(0)
     set_act_tracking(trainer.student, True)  # as in the first act_range_epochs epochs
     return trainer
@@ -85,43 +89,46 @@ def timed_step(trainer: Trainer, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _status_kib(field: str) -> int | None:
+def _status_mib(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (Linux), in MiB."""
     try:
         with open("/proc/self/status") as f:
             match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
-        return int(match.group(1)) if match else None
+        return int(match.group(1)) / 1024 if match else None
     except OSError:
         return None
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size (Linux 4.0+)
-        return True
-    except OSError:
-        return False
+def memory_worker(setting: str, student: str, device: torch.device, memory_format: str) -> dict:
+    """Peak memory of a fresh process that builds one trainer and runs 3 iterations (the first compiles).
 
-
-def peak_memory(trainer: Trainer, device: torch.device, iterations: int) -> dict:
-    """Peak memory in MiB over ``iterations`` steps of one trainer."""
-    if device.type == "cuda":
+    CPU: the peak resident set size (VmHWM), and how far it rises above the resident size once the models
+    are built. CUDA: the allocator's peak, and its rise above the memory allocated once the models are built.
+    """
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = make_trainer(setting, student, device, run_dir, memory_format)
         synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(iterations):
+        built = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mib("VmRSS")
+        for _ in range(3):
             trainer._step(train_student=True)
         synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        return {"kind": "cuda max_memory_allocated", "peak_mib": peak / 2**20,
-                "above_baseline_mib": (peak - before) / 2**20}
-    if not _reset_peak_rss():
-        return {"kind": "unavailable (no /proc/self/clear_refs)"}
-    before = _status_kib("VmRSS")
-    for _ in range(iterations):
-        trainer._step(train_student=True)
-    peak = _status_kib("VmHWM")
-    return {"kind": "cpu peak resident set size", "peak_mib": peak / 1024, "above_baseline_mib": (peak - before) / 1024}
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+    else:
+        peak, kind = _status_mib("VmHWM"), "cpu peak resident set size"
+    if peak is None or built is None:
+        return {"kind": "unavailable"}
+    return {"kind": kind, "peak_mib": peak, "above_built_mib": peak - built}
+
+
+def peak_memory(setting: str, student: str, args) -> dict:
+    """:func:`memory_worker` in a subprocess, so that no other student's memory is counted."""
+    command = [sys.executable, os.path.abspath(__file__), "--memory-worker", setting, student,
+               "--device", args.device, "--memory-format", args.memory_format, "--threads", str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory worker {setting} {student} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run_setting(setting: str, device: torch.device, args, run_dir: str) -> dict:
@@ -135,8 +142,9 @@ def run_setting(setting: str, device: torch.device, args, run_dir: str) -> dict:
         for name, trainer in trainers.items():
             samples[name].append(timed_step(trainer, device))
     seconds = {name: statistics.median(values) for name, values in samples.items()}
-    memory = {name: peak_memory(trainer, device, 2) for name, trainer in trainers.items()}
-    batch = next(iter(trainers.values())).options.batchSize
+    batch = trainers["float"].options.batchSize
+    del trainers, trainer  # free their memory before the memory workers run
+    memory = {name: peak_memory(setting, name, args) for name in STUDENTS} if args.memory else {}
     return {"setting": setting, "batch": batch, "device": device.type, "iterations": iterations,
             "memory_format": args.memory_format,
             "seconds": seconds, "samples": samples, "memory": memory,
@@ -161,7 +169,7 @@ def profile_step(setting: str, student: str, device: torch.device, run_dir: str,
 
 def print_table(results: list[dict]) -> None:
     names = list(STUDENTS)
-    print("\nseconds per iteration (median) and peak memory (MiB)")
+    print("\nseconds per iteration (median); peak memory of a process training only that student for 3 iterations")
     print(f"{'setting':9} {'batch':>5} {'device':6} " + " ".join(f"{n:>12}" for n in names)
           + f" {'granq/float':>11} {'lw/float':>8} {'official':>8} {'speed-up':>8}")
     for r in results:
@@ -172,10 +180,11 @@ def print_table(results: list[dict]) -> None:
         line += f" {official:8.2f} {official / s['granq']:7.2f}x" if official else f" {'-':>8} {'-':>8}"
         print(line)
         memory = r["memory"]
-        if "peak_mib" in memory["float"]:
+        if memory and all("peak_mib" in memory[n] for n in names):
             print(f"{'':9} {'':5} {'peak':6} " + " ".join(f"{memory[n]['peak_mib']:12.0f}" for n in names)
-                  + f"   ({memory['float']['kind']})")
-            print(f"{'':9} {'':5} {'+step':6} " + " ".join(f"{memory[n]['above_baseline_mib']:12.0f}" for n in names))
+                  + f"   MiB, {memory['float']['kind']}")
+            print(f"{'':9} {'':5} {'+built':6} " + " ".join(f"{memory[n]['above_built_mib']:12.0f}" for n in names)
+                  + "   MiB above the models built")
     print("\ntargets (one run):")
     for r in results:
         s = r["seconds"]
@@ -197,12 +206,20 @@ def main(argv=None) -> int:
                                                               "batch 16, 6 at batch 200; --quick 8 and 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per student first")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--memory-format", choices=tuple(MEMORY_FORMATS), default="contiguous",
-                        help="layout of the models and activations (default: the trainer's, contiguous)")
+    parser.add_argument("--memory-format", choices=("trainer", "contiguous"), default="trainer",
+                        help="trainer: the trainer's layout (channels_last teacher and student on the CPU); "
+                             "contiguous: every model in the default layout, for comparison")
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of GranQ steps")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     parser.add_argument("--json", metavar="PATH", help="write the figures to this JSON file")
+    parser.add_argument("--memory-worker", nargs=2, metavar=("SETTING", "STUDENT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_worker:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(memory_worker(*args.memory_worker, torch.device(args.device), args.memory_format)))
+        return 0
     args.iters_b16, args.iters_b200 = (8, 3) if args.quick else (20, 6)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")

@@ -10,7 +10,7 @@ from .functional import (
     quant_params,
     weight_fake_quant,
 )
-from .fused import GRANQ_IMPLS, CompiledGranQ, granq_function
+from .fused import GRANQ_IMPLS, CompiledGranQ, granq_function, weight_function
 from .modules import ACT_MODES, QuantAct, QuantConv2d, QuantLinear
 from .quantize import count_modules, quantize_model, set_act_tracking
 
@@ -33,4 +33,5 @@ __all__ = [
     "quantize_model",
     "set_act_tracking",
     "weight_fake_quant",
+    "weight_function",
 ]

@@ -19,12 +19,14 @@ The quantizers differ only in which elements share a range:
 - :func:`layerwise_fake_quant`: one range for the whole tensor, given by the caller (GDFQ family).
 - :func:`weight_fake_quant`: one range per (out, in) kernel or per output channel of a weight.
 
-:func:`granq_values` gives the GranQ values without a gradient rule, through :func:`grouped_values`, the
-pure function that :mod:`.fused` compiles; :class:`StraightThrough` gives such a function the
+:func:`per_row_values` gives the same values without a gradient rule, through :func:`grouped_values`,
+the pure function that :mod:`.fused` compiles; :class:`StraightThrough` gives such a function the
 straight-through gradient.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -38,13 +40,14 @@ __all__ = [
     "check_bits",
     "fake_quantize",
     "granq_fake_quant",
-    "granq_groups",
-    "granq_ungroup",
-    "granq_values",
     "grouped_values",
+    "is_channels_last",
     "layerwise_fake_quant",
     "per_row_fake_quant",
     "per_row_params",
+    "per_row_values",
+    "range_groups",
+    "range_ungroup",
     "quant_params",
     "weight_fake_quant",
 ]
@@ -109,17 +112,18 @@ class StraightThroughFakeQuant(torch.autograd.Function):
 class StraightThrough(torch.autograd.Function):
     """Apply a value function in the forward pass; pass the gradient through unchanged in the backward pass.
 
-    forward:  y = values_fn(x, bits), computed without autograd (the function may be compiled)
+    forward:  y = values_fn(x, *args), computed without autograd (the function may be compiled)
     backward: dL/dx = dL/dy
     """
 
     @staticmethod
-    def forward(ctx, x, values_fn, bits):
-        return values_fn(x, bits)
+    def forward(ctx, x, values_fn, *args):
+        ctx.num_args = len(args)
+        return values_fn(x, *args)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return grad_output, None, None
+        return (grad_output, None) + (None,) * ctx.num_args
 
 
 def per_row_params(x: torch.Tensor, bits: int, leading_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,46 +170,53 @@ def granq_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
     return per_row_fake_quant(x, bits, _activation_leading_dims(x))
 
 
-def granq_groups(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as [A, L, B], one GranQ range per (a, b) over L, in x's own memory order (a view when possible).
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor stored as [N, H, W, C] (and not also plainly contiguous, as when C or H * W is 1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
-    [N, C, H, W]: [N * C, H * W, 1], or [N, H * W, C] when x is channels_last; [N, F]: [N, F, 1].
-    :func:`granq_ungroup` maps the result back.
+
+def range_groups(x: torch.Tensor, leading_dims: int, channels_last: bool) -> torch.Tensor:
+    """``x`` viewed so that each per-row range (one per index of the first ``leading_dims`` dims) covers dim 1.
+
+    In memory order, as a view where possible: rows [prod(leading), rest] for contiguous tensors; for a
+    channels_last [N, C, H, W], [N, H * W, C] (one range per (n, c)) or rows [N, H * W * C] (one per n).
+    :func:`range_ungroup` maps the result back.
     """
-    if _activation_leading_dims(x) == 1:
-        return x.reshape(x.shape[0], x.shape[1], 1)
-    n, c, h, w = x.shape
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x.permute(0, 2, 3, 1).view(n, h * w, c)
-    return x.reshape(n * c, h * w, 1)
+    if channels_last:
+        nhwc = x.permute(0, 2, 3, 1)
+        n, h, w, c = nhwc.shape
+        return nhwc.reshape(n, h * w, c) if leading_dims == 2 else nhwc.reshape(n, h * w * c)
+    return x.reshape(math.prod(x.shape[:leading_dims]), -1)
 
 
-def granq_ungroup(y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The inverse of :func:`granq_groups` for an activation of ``shape``."""
-    if len(shape) == 4 and y.shape[-1] != 1:
+def range_ungroup(y: torch.Tensor, shape: torch.Size, channels_last: bool) -> torch.Tensor:
+    """The inverse of :func:`range_groups` for a tensor of ``shape``."""
+    if channels_last:
         n, c, h, w = shape
         return y.view(n, h, w, c).permute(0, 3, 1, 2)
     return y.view(shape)
 
 
 def grouped_values(groups: torch.Tensor, bits: int) -> torch.Tensor:
-    """Fake-quantize [A, L, B] with one (min, max) range per (a, b) over L; no gradient rule, no checks.
+    """Fake-quantize with one (min, max) range per index of every dimension but dimension 1, over dimension 1.
 
-    The pure function the fast path compiles: always 3-D, so one compilation serves every activation shape.
+    [R, L]: one range per row; [N, L, C]: one per (n, c). No gradient rule, no checks: the pure function
+    the fast path compiles, so that one compilation per rank serves every shape.
     """
     lo, hi = torch.aminmax(groups.detach(), dim=1, keepdim=True)
     scale, zero_point = quant_params(lo, hi, bits)
     return fake_quantize(groups, scale, zero_point)
 
 
-def granq_values(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """The values of :func:`granq_fake_quant`, with no gradient rule.
+def per_row_values(x: torch.Tensor, bits: int, leading_dims: int) -> torch.Tensor:
+    """The values of :func:`per_row_fake_quant` through :func:`grouped_values`, with no gradient rule.
 
     >>> x = torch.randn(2, 3, 4, 4)
-    >>> torch.equal(granq_values(x, 3), granq_fake_quant(x, 3))
+    >>> torch.equal(per_row_values(x, 3, 2), granq_fake_quant(x, 3))
     True
     """
-    return granq_ungroup(grouped_values(granq_groups(x), bits), x.shape)
+    channels_last = is_channels_last(x)
+    return range_ungroup(grouped_values(range_groups(x, leading_dims, channels_last), bits), x.shape, channels_last)
 
 
 def channel_loop_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -19,9 +19,9 @@ def _quantize_children(module: nn.Module, weight_bits: int, act_bits: int, act_m
                        weight_granularity: str, granq_impl: str) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Conv2d):
-            replacement = QuantConv2d.from_float(child, weight_bits, weight_granularity)
+            replacement = QuantConv2d.from_float(child, weight_bits, weight_granularity, granq_impl)
         elif isinstance(child, nn.Linear):
-            replacement = QuantLinear.from_float(child, weight_bits, weight_granularity)
+            replacement = QuantLinear.from_float(child, weight_bits, weight_granularity, granq_impl)
         elif isinstance(child, ACTIVATIONS):
             replacement = nn.Sequential(child, QuantAct(act_bits, act_mode, granq_impl=granq_impl))
         else:
@@ -36,8 +36,9 @@ def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, act_mode: 
 
     Every Conv2d and Linear becomes a QuantConv2d / QuantLinear with ``weight_bits``; every ReLU and
     ReLU6 is followed by a QuantAct with ``act_bits`` and ``act_mode``. BatchNorm stays in float and
-    the input image is not quantized. ``granq_impl`` picks the GranQ implementation: ``auto`` (compiled
-    where torch.compile works, else eager), ``compiled`` or ``eager``; all give the same values.
+    the input image is not quantized. ``granq_impl`` picks the implementation of the activation and weight
+    quantizers: ``auto`` (compiled where torch.compile works, else eager), ``compiled`` or ``eager``; all
+    give the same values.
     """
     check_bits(weight_bits)
     check_bits(act_bits)

@@ -17,9 +17,13 @@ import quantization_utils.fused as fused
 from quantization_utils import (
     CompiledGranQ,
     QuantAct,
+    QuantConv2d,
+    QuantLinear,
     granq_fake_quant,
     granq_function,
     quantize_model,
+    weight_fake_quant,
+    weight_function,
 )
 
 
@@ -59,6 +63,22 @@ def test_compiled_on_non_contiguous_input(compiled_granq):
     x = torch.randn(6, 8, 5, 5)
     for view in (x[:, ::2], x.transpose(2, 3), x.to(memory_format=torch.channels_last)):
         assert torch.equal(compiled_granq(view, 3), granq_fake_quant(view, 3))
+
+
+@pytest.mark.parametrize("granularity", ["kernel", "channel"])
+def test_compiled_weights_equal_eager(compiled_granq, granularity):
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(16, 16, 3, 3), (32, 16, 3, 3), (64, 32, 1, 1), (10, 64), (8, 3, 5, 5)]:
+        w = torch.randn(shape, generator=generator) * 0.1
+        layouts = [w] + ([w.to(memory_format=torch.channels_last)] if w.dim() == 4 else [])
+        for bits in (2, 3, 4, 8):
+            for weight in layouts:
+                expected = weight_fake_quant(weight, bits, granularity)
+                assert torch.equal(compiled_granq.weight(weight, bits, granularity), expected), (shape, bits)
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    upstream = torch.randn(8, 4, 3, 3)
+    (compiled_granq.weight(w, 3, granularity) * upstream).sum().backward()
+    assert torch.equal(w.grad, upstream)
 
 
 def test_compiled_gradient_is_straight_through(compiled_granq):
@@ -140,6 +160,7 @@ def test_auto_falls_back_to_eager_once(compiler, caplog):
     (granq(x, 3) * upstream).sum().backward()
     assert torch.equal(x.grad, upstream)
     granq(torch.randn(2, 7), 5)
+    granq.weight(torch.randn(4, 3, 3, 3), 3)
     assert len(calls) == 1
     assert "eager fallback" in repr(granq)
 
@@ -153,7 +174,7 @@ def test_compiled_raises_when_compilation_fails(compiler):
 
 def test_values_that_differ_from_eager_are_caught(caplog):
     x = torch.randn(64, 8, 6, 6) * 3
-    wrong = wrong_compiler(None)(x.reshape(512, 36, 1), 3).view(x.shape)
+    wrong = wrong_compiler(None)(x.reshape(512, 36), 3).view(x.shape)
     assert not torch.equal(wrong, granq_fake_quant(x, 3))  # the simulated compiler really is wrong here
     auto = CompiledGranQ(strict=False, compiler=wrong_compiler)
     with caplog.at_level(logging.WARNING, logger="quantization_utils.fused"):
@@ -164,22 +185,42 @@ def test_values_that_differ_from_eager_are_caught(caplog):
 
 
 def test_quantize_model_wires_granq_impl():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU6())
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU6(), nn.Flatten(), nn.Linear(4, 2))
     for impl in ("auto", "compiled", "eager"):
-        acts = [m for m in quantize_model(model, 4, 4, granq_impl=impl).modules() if isinstance(m, QuantAct)]
-        assert len(acts) == 2
+        student = quantize_model(model, 4, 4, granq_impl=impl)
+        acts = [m for m in student.modules() if isinstance(m, QuantAct)]
+        layers = [m for m in student.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+        assert len(acts) == 2 and len(layers) == 3
         assert all(a.granq_impl == impl and a.granq_fn is granq_function(impl) for a in acts)
-        assert f"granq_impl={impl}" in repr(acts[0])
-    assert granq_function("eager") is granq_fake_quant
+        assert all(m.granq_impl == impl and m.weight_fn == weight_function(impl) for m in layers)
+        assert f"granq_impl={impl}" in repr(acts[0]) and f"granq_impl={impl}" in repr(layers[0])
+    assert granq_function("eager") is granq_fake_quant and weight_function("eager") is weight_fake_quant
     assert granq_function("auto") is granq_function("auto") and not granq_function("auto").strict
     with pytest.raises(ValueError, match="granq_impl must be one of"):
         QuantAct(4, granq_impl="fast")
+    with pytest.raises(ValueError, match="granq_impl must be one of"):
+        QuantLinear(3, 2, granq_impl="fast")
+
+
+def test_compiled_student_equals_eager_student(compiled_granq):
+    from utils.models import get_model_spec
+
+    teacher = get_model_spec("resnet20_cifar10").build().eval()
+    x = torch.randn(3, 3, 32, 32)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        students = [quantize_model(teacher, 3, 3, granq_impl=impl).to(memory_format=memory_format)
+                    for impl in ("compiled", "eager")]
+        with torch.no_grad():
+            assert torch.equal(students[0](x), students[1](x))
 
 
 def test_copies_and_pickles_share_the_compiled_function():
     act = QuantAct(3, granq_impl="auto")
     assert copy.deepcopy(act).granq_fn is act.granq_fn
     assert pickle.loads(pickle.dumps(act)).granq_fn is act.granq_fn
+    conv = QuantConv2d(3, 4, 3, granq_impl="auto")
+    assert copy.deepcopy(conv).weight_fn == conv.weight_fn
+    assert pickle.loads(pickle.dumps(conv)).weight_fn == conv.weight_fn
 
 
 def test_trainer_runs_with_compile_unavailable(monkeypatch, caplog, tmp_path, cifar_folder):
@@ -203,6 +244,8 @@ def test_trainer_runs_with_compile_unavailable(monkeypatch, caplog, tmp_path, ci
     assert summary["student_top1"] is not None
     acts = [m for m in trainer.student.modules() if isinstance(m, QuantAct)]
     assert len({id(a.granq_fn) for a in acts}) == 1 and "simulated" in acts[0].granq_fn.failure
+    convs = [m for m in trainer.student.modules() if isinstance(m, QuantConv2d)]
+    assert all(c.weight_fn.__self__ is acts[0].granq_fn for c in convs)
     assert caplog.text.count("the compiled GranQ quantizer failed") == 1
 
 
