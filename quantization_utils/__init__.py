@@ -17,12 +17,15 @@ from .functional import (
     quant_params,
     weight_fake_quant,
 )
+from .fused import GRANQ_IMPLS, CompiledGranQ, granq_function, weight_function
 from .modules import ACT_MODES, QuantAct, QuantConv2d, QuantLinear
 from .quantize import count_modules, quantize_model, set_act_tracking
 
 __all__ = [
     "ACT_MODES",
     "CheckpointError",
+    "CompiledGranQ",
+    "GRANQ_IMPLS",
     "QuantAct",
     "QuantConv2d",
     "QuantLinear",
@@ -32,6 +35,7 @@ __all__ = [
     "count_modules",
     "fake_quantize",
     "granq_fake_quant",
+    "granq_function",
     "layerwise_fake_quant",
     "load_quantized_model",
     "quant_params",
@@ -41,4 +45,5 @@ __all__ = [
     "resolve_student_checkpoint",
     "set_act_tracking",
     "weight_fake_quant",
+    "weight_function",
 ]

@@ -18,9 +18,15 @@ The quantizers differ only in which elements share a range:
   per-channel implementation; kept as a speed baseline and a test oracle).
 - :func:`layerwise_fake_quant`: one range for the whole tensor, given by the caller (GDFQ family).
 - :func:`weight_fake_quant`: one range per (out, in) kernel or per output channel of a weight.
+
+:func:`per_row_values` gives the same values without a gradient rule, through :func:`grouped_values`,
+the pure function that :mod:`.fused` compiles; :class:`StraightThrough` gives such a function the
+straight-through gradient.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -28,13 +34,20 @@ __all__ = [
     "MAX_BITS",
     "MIN_BITS",
     "WEIGHT_GRANULARITIES",
+    "StraightThrough",
     "StraightThroughFakeQuant",
     "channel_loop_fake_quant",
     "check_bits",
     "fake_quantize",
     "granq_fake_quant",
+    "grouped_values",
+    "is_channels_last",
     "layerwise_fake_quant",
     "per_row_fake_quant",
+    "per_row_params",
+    "per_row_values",
+    "range_groups",
+    "range_ungroup",
     "quant_params",
     "weight_fake_quant",
 ]
@@ -96,6 +109,35 @@ class StraightThroughFakeQuant(torch.autograd.Function):
         return grad_output, None, None, None
 
 
+class StraightThrough(torch.autograd.Function):
+    """Apply a value function in the forward pass; pass the gradient through unchanged in the backward pass.
+
+    forward:  y = values_fn(x, *args), computed without autograd (the function may be compiled)
+    backward: dL/dx = dL/dy
+    """
+
+    @staticmethod
+    def forward(ctx, x, values_fn, *args):
+        ctx.num_args = len(args)
+        return values_fn(x, *args)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (grad_output, None) + (None,) * ctx.num_args
+
+
+def per_row_params(x: torch.Tensor, bits: int, leading_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of each index of the first ``leading_dims`` dimensions of ``x``.
+
+    The range of each row is the (min, max) over all remaining dimensions of the detached input;
+    the results have shape ``x.shape[:leading_dims] + (1,) * (x.dim() - leading_dims)``.
+    """
+    rows = x.detach().reshape(*x.shape[:leading_dims], -1)
+    lo, hi = torch.aminmax(rows, dim=-1, keepdim=True)
+    range_shape = x.shape[:leading_dims] + (1,) * (x.dim() - leading_dims)
+    return quant_params(lo.view(range_shape), hi.view(range_shape), bits)
+
+
 def per_row_fake_quant(x: torch.Tensor, bits: int, leading_dims: int) -> torch.Tensor:
     """Fake-quantize with one range per index of the first ``leading_dims`` dimensions.
 
@@ -103,10 +145,7 @@ def per_row_fake_quant(x: torch.Tensor, bits: int, leading_dims: int) -> torch.T
     input. ``leading_dims=2`` on [N, C, H, W] gives one range per (sample, channel).
     """
     check_bits(bits)
-    rows = x.detach().reshape(*x.shape[:leading_dims], -1)
-    lo, hi = torch.aminmax(rows, dim=-1, keepdim=True)
-    range_shape = x.shape[:leading_dims] + (1,) * (x.dim() - leading_dims)
-    scale, zero_point = quant_params(lo.view(range_shape), hi.view(range_shape), bits)
+    scale, zero_point = per_row_params(x, bits, leading_dims)
     return StraightThroughFakeQuant.apply(x, scale, zero_point)
 
 
@@ -129,6 +168,55 @@ def granq_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
     True
     """
     return per_row_fake_quant(x, bits, _activation_leading_dims(x))
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor stored as [N, H, W, C] (and not also plainly contiguous, as when C or H * W is 1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def range_groups(x: torch.Tensor, leading_dims: int, channels_last: bool) -> torch.Tensor:
+    """``x`` viewed so that each per-row range (one per index of the first ``leading_dims`` dims) covers dim 1.
+
+    In memory order, as a view where possible: rows [prod(leading), rest] for contiguous tensors; for a
+    channels_last [N, C, H, W], [N, H * W, C] (one range per (n, c)) or rows [N, H * W * C] (one per n).
+    :func:`range_ungroup` maps the result back.
+    """
+    if channels_last:
+        nhwc = x.permute(0, 2, 3, 1)
+        n, h, w, c = nhwc.shape
+        return nhwc.reshape(n, h * w, c) if leading_dims == 2 else nhwc.reshape(n, h * w * c)
+    return x.reshape(math.prod(x.shape[:leading_dims]), -1)
+
+
+def range_ungroup(y: torch.Tensor, shape: torch.Size, channels_last: bool) -> torch.Tensor:
+    """The inverse of :func:`range_groups` for a tensor of ``shape``."""
+    if channels_last:
+        n, c, h, w = shape
+        return y.view(n, h, w, c).permute(0, 3, 1, 2)
+    return y.view(shape)
+
+
+def grouped_values(groups: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fake-quantize with one (min, max) range per index of every dimension but dimension 1, over dimension 1.
+
+    [R, L]: one range per row; [N, L, C]: one per (n, c). No gradient rule, no checks: the pure function
+    the fast path compiles, so that one compilation per rank serves every shape.
+    """
+    lo, hi = torch.aminmax(groups.detach(), dim=1, keepdim=True)
+    scale, zero_point = quant_params(lo, hi, bits)
+    return fake_quantize(groups, scale, zero_point)
+
+
+def per_row_values(x: torch.Tensor, bits: int, leading_dims: int) -> torch.Tensor:
+    """The values of :func:`per_row_fake_quant` through :func:`grouped_values`, with no gradient rule.
+
+    >>> x = torch.randn(2, 3, 4, 4)
+    >>> torch.equal(per_row_values(x, 3, 2), granq_fake_quant(x, 3))
+    True
+    """
+    channels_last = is_channels_last(x)
+    return range_ungroup(grouped_values(range_groups(x, leading_dims, channels_last), bits), x.shape, channels_last)
 
 
 def channel_loop_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -16,34 +16,36 @@ ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
 
 def _quantize_children(module: nn.Module, weight_bits: int, act_bits: int, act_mode: str,
-                       weight_granularity: str) -> None:
+                       weight_granularity: str, granq_impl: str) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Conv2d):
-            replacement = QuantConv2d.from_float(child, weight_bits, weight_granularity)
+            replacement = QuantConv2d.from_float(child, weight_bits, weight_granularity, granq_impl)
         elif isinstance(child, nn.Linear):
-            replacement = QuantLinear.from_float(child, weight_bits, weight_granularity)
+            replacement = QuantLinear.from_float(child, weight_bits, weight_granularity, granq_impl)
         elif isinstance(child, ACTIVATIONS):
-            replacement = nn.Sequential(child, QuantAct(act_bits, act_mode))
+            replacement = nn.Sequential(child, QuantAct(act_bits, act_mode, granq_impl=granq_impl))
         else:
-            _quantize_children(child, weight_bits, act_bits, act_mode, weight_granularity)
+            _quantize_children(child, weight_bits, act_bits, act_mode, weight_granularity, granq_impl)
             continue
         setattr(module, name, replacement)
 
 
 def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, act_mode: str = "granq",
-                   weight_granularity: str = "kernel") -> nn.Module:
+                   weight_granularity: str = "kernel", granq_impl: str = "auto") -> nn.Module:
     """Return a fake-quantized copy of ``model``; ``model`` itself is not modified.
 
     Every Conv2d and Linear becomes a QuantConv2d / QuantLinear with ``weight_bits``; every ReLU and
     ReLU6 is followed by a QuantAct with ``act_bits`` and ``act_mode``. BatchNorm stays in float and
-    the input image is not quantized.
+    the input image is not quantized. ``granq_impl`` picks the implementation of the activation and weight
+    quantizers: ``auto`` (compiled where torch.compile works, else eager), ``compiled`` or ``eager``; all
+    give the same values.
     """
     check_bits(weight_bits)
     check_bits(act_bits)
     quantized = copy.deepcopy(model)
     if isinstance(quantized, (nn.Conv2d, nn.Linear) + ACTIVATIONS):
         raise TypeError("quantize_model expects a network that contains layers, not a single layer")
-    _quantize_children(quantized, weight_bits, act_bits, act_mode, weight_granularity)
+    _quantize_children(quantized, weight_bits, act_bits, act_mode, weight_granularity, granq_impl)
     return quantized
 
 

@@ -163,3 +163,19 @@ def test_resnet20a_full_precision_and_w8a8_on_shared_data(tmp_path):
     assert code == 0
     assert summary["teacher_top1"] == pytest.approx(81.0, abs=0.1)
     assert abs(summary["student_top1"] - summary["teacher_top1"]) <= 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: device syncs exist only there")
+def test_training_step_never_synchronizes_the_device(tmp_path):
+    options = load_options(CIFAR10_CONF, ["batchSize=8", "warmup_epochs=0"])
+    teacher, _ = build_teacher(options.network, "random")
+    trainer = Trainer(options, teacher, None, torch.device("cuda"), str(tmp_path), {"id": 0, "seed": 1})
+    for _ in range(2):  # compilation and its one-time check against eager happen here
+        trainer._step(train_student=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            trainer._step(train_student=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

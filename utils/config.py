@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from pyhocon import ConfigFactory, HOCONConverter
 
-from quantization_utils import ACT_MODES
+from quantization_utils import ACT_MODES, GRANQ_IMPLS
 from quantization_utils.functional import MAX_BITS, MIN_BITS, WEIGHT_GRANULARITIES
 
 from .errors import ConfigError
@@ -23,7 +23,6 @@ DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 GENERATORS = ("label_embedding", "conditional_bn")
 LR_POLICIES = ("multi_step", "const")
 OPTIMIZERS = ("SGD", "Adam")
-GRANQ_IMPLS = ("auto", "compiled", "eager")
 
 # Keys of the official configs that have no effect here; accepted so published configs still load.
 LEGACY_KEYS = {

@@ -60,7 +60,10 @@ class BNStatistics:
     def _hook(self, module, inputs, output):
         if self._collecting:
             x = inputs[0]
-            var, mean = torch.var_mean(x, dim=[0, 2, 3], correction=0)
+            # Two passes (mean, then the mean squared deviation) give the biased variance of var_mean(...,
+            # correction=0) up to rounding, several times faster on the CPU than its one-pass (Welford) kernel.
+            mean = x.mean(dim=(0, 2, 3))
+            var = (x - mean[:, None, None]).square().mean(dim=(0, 2, 3))
             self._stats.append((mean, var, module))
 
     @contextmanager

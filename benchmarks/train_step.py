@@ -1,0 +1,253 @@
+"""Seconds per training iteration (generator step + student step) and peak memory of the shared trainer.
+
+    python benchmarks/train_step.py [--quick] [--json PATH] [--device cpu|cuda] [--profile]
+
+Two settings, each with the official config: CIFAR-10 (ResNet-20, batch 16) and CIFAR-100 (ResNet-20,
+batch 200); teacher weights random (speed does not depend on them), student training on from the first
+iteration (warmup_epochs = 0) and layer-wise ranges tracked, as in the first epochs. Students:
+
+- ``float``: an unquantized copy of the teacher (the floor: what any zero-shot QAT step costs here);
+- ``granq``: GranQ activations and kernel-wise weights through the default fast path (``granq_impl = auto``);
+- ``granq eager``: the same with ``granq_impl = eager``;
+- ``layerwise``: one moving-average activation range per layer (GDFQ; eager), weights as ``granq``.
+
+Models are laid out as the trainer lays them out (channels_last teacher and student on the CPU);
+``--memory-format contiguous`` measures the default layout instead.
+
+The iterations of the students alternate (one of each per round) so that a busy machine slows all of
+them alike; each figure is the median, warm-up excluded. Peak memory is measured afterwards in a fresh
+process per student that builds the trainer and runs 3 iterations: on CUDA the allocator's peak, on the
+CPU the peak resident set size (Python and torch included), each also as its rise above the figure once
+the models are built.
+The official GranQ code cannot run here; its figures, measured on the same kind of 2-core machine, are
+the reference for the speed-up (the issue's 0.21 s at batch 16, 3.1 s at batch 200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.common import describe, environment, synchronize  # noqa: E402
+from quantization_utils import set_act_tracking  # noqa: E402
+from utils.config import load_options  # noqa: E402
+from utils.models import build_teacher  # noqa: E402
+from utils.trainer import Trainer  # noqa: E402
+
+SETTINGS = {
+    "cifar10": os.path.join(ROOT, "CIFAR", "cifar10_resnet20.hocon"),
+    "cifar100": os.path.join(ROOT, "CIFAR", "cifar100_resnet20.hocon"),
+}
+# Seconds per iteration of the official GranQ CIFAR trainer on CPU, 2 cores (issue 4; not measured here).
+OFFICIAL_SECONDS = {"cifar10": 0.21, "cifar100": 3.1}
+STUDENTS = {"float": [], "granq": ["granq_impl=auto"], "granq eager": ["granq_impl=eager"],
+            "layerwise": ["act_mode=layerwise"]}
+
+
+class FloatStudentTrainer(Trainer):
+    """The shared trainer with an unquantized student: the cost of the method without fake quantization."""
+
+    def build_student(self, teacher: nn.Module) -> nn.Module:
+        return copy.deepcopy(teacher)
+
+
+def make_trainer(setting: str, student: str, device: torch.device, run_dir: str,
+                 memory_format: str = "trainer") -> Trainer:
+    options = load_options(SETTINGS[setting], ["teacher_weights=random", "warmup_epochs=0",
+                                               *STUDENTS[student]])
+    torch.manual_seed(0)
+    teacher, _ = build_teacher(options.network, "random")
+    kind = FloatStudentTrainer if student == "float" else Trainer
+    trainer = kind(options, teacher, None, device, run_dir, {"id": 0, "seed": 1})
+    if memory_format == "contiguous":  # undo the trainer's choice, to measure it
+        for model in (trainer.teacher, trainer.student, trainer.generator):
+            model.to(memory_format=torch.contiguous_format)
+    trainer._set_learning_rates(0)
+    set_act_tracking(trainer.student, True)  # as in the first act_range_epochs epochs
+    return trainer
+
+
+def timed_step(trainer: Trainer, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    trainer._step(train_student=True)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def _status_mib(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (Linux), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+        return int(match.group(1)) / 1024 if match else None
+    except OSError:
+        return None
+
+
+def memory_worker(setting: str, student: str, device: torch.device, memory_format: str) -> dict:
+    """Peak memory of a fresh process that builds one trainer and runs 3 iterations (the first compiles).
+
+    CPU: the peak resident set size (VmHWM), and how far it rises above the resident size once the models
+    are built. CUDA: the allocator's peak, and its rise above the memory allocated once the models are built.
+    """
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = make_trainer(setting, student, device, run_dir, memory_format)
+        synchronize(device)
+        built = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mib("VmRSS")
+        for _ in range(3):
+            trainer._step(train_student=True)
+        synchronize(device)
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+    else:
+        peak, kind = _status_mib("VmHWM"), "cpu peak resident set size"
+    if peak is None or built is None:
+        return {"kind": "unavailable"}
+    return {"kind": kind, "peak_mib": peak, "above_built_mib": peak - built}
+
+
+def peak_memory(setting: str, student: str, args) -> dict:
+    """:func:`memory_worker` in a subprocess, so that no other student's memory is counted."""
+    command = [sys.executable, os.path.abspath(__file__), "--memory-worker", setting, student,
+               "--device", args.device, "--memory-format", args.memory_format, "--threads", str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory worker {setting} {student} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_setting(setting: str, device: torch.device, args, run_dir: str) -> dict:
+    trainers = {name: make_trainer(setting, name, device, run_dir, args.memory_format) for name in STUDENTS}
+    for trainer in trainers.values():
+        for _ in range(args.warmup):  # compilation, allocator, caches
+            trainer._step(train_student=True)
+    iterations = args.iters if args.iters else (args.iters_b16 if setting == "cifar10" else args.iters_b200)
+    samples = {name: [] for name in trainers}
+    for _ in range(iterations):
+        for name, trainer in trainers.items():
+            samples[name].append(timed_step(trainer, device))
+    seconds = {name: statistics.median(values) for name, values in samples.items()}
+    batch = trainers["float"].options.batchSize
+    del trainers, trainer  # free their memory before the memory workers run
+    memory = {name: peak_memory(setting, name, args) for name in STUDENTS} if args.memory else {}
+    return {"setting": setting, "batch": batch, "device": device.type, "iterations": iterations,
+            "memory_format": args.memory_format,
+            "seconds": seconds, "samples": samples, "memory": memory,
+            "official_seconds": OFFICIAL_SECONDS[setting] if device.type == "cpu" else None}
+
+
+def profile_step(setting: str, student: str, device: torch.device, run_dir: str, rows: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = make_trainer(setting, student, device, run_dir)
+    for _ in range(3):
+        trainer._step(train_student=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            trainer._step(train_student=True)
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of 5 iterations, {setting}, {student} student:")
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows))
+
+
+def print_table(results: list[dict]) -> None:
+    names = list(STUDENTS)
+    print("\nseconds per iteration (median); peak memory of a process training only that student for 3 iterations")
+    print(f"{'setting':9} {'batch':>5} {'device':6} " + " ".join(f"{n:>12}" for n in names)
+          + f" {'granq/float':>11} {'lw/float':>8} {'official':>8} {'speed-up':>8}")
+    for r in results:
+        s = r["seconds"]
+        official = r["official_seconds"]
+        line = (f"{r['setting']:9} {r['batch']:5} {r['device']:6} " + " ".join(f"{s[n]:12.4f}" for n in names)
+                + f" {s['granq'] / s['float']:11.2f} {s['layerwise'] / s['float']:8.2f}")
+        line += f" {official:8.2f} {official / s['granq']:7.2f}x" if official else f" {'-':>8} {'-':>8}"
+        print(line)
+        memory = r["memory"]
+        if memory and all("peak_mib" in memory[n] for n in names):
+            print(f"{'':9} {'':5} {'peak':6} " + " ".join(f"{memory[n]['peak_mib']:12.0f}" for n in names)
+                  + f"   MiB, {memory['float']['kind']}")
+            print(f"{'':9} {'':5} {'+built':6} " + " ".join(f"{memory[n]['above_built_mib']:12.0f}" for n in names)
+                  + "   MiB above the models built")
+    print("\ntargets (one run):")
+    for r in results:
+        s = r["seconds"]
+        ratio = s["granq"] / s["float"]
+        print(f"  {r['setting']} batch {r['batch']} {r['device']}: granq / float student {ratio:.2f}x "
+              f"(target <= 1.3: {'met' if ratio <= 1.3 else 'NOT met'})")
+        if r["official_seconds"]:
+            speedup = r["official_seconds"] / s["granq"]
+            print(f"  {r['setting']} batch {r['batch']} {r['device']}: {speedup:.2f}x faster than the official code's "
+                  f"{r['official_seconds']} s/iteration (figure from issue 4, not run here; target >= 1.5: "
+                  f"{'met' if speedup >= 1.5 else 'NOT met'})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--settings", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--iters", type=int, default=0, help="timed iterations per student (default: 20 at "
+                                                              "batch 16, 6 at batch 200; --quick 8 and 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per student first")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--memory-format", choices=("trainer", "contiguous"), default="trainer",
+                        help="trainer: the trainer's layout (channels_last teacher and student on the CPU); "
+                             "contiguous: every model in the default layout, for comparison")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of GranQ steps")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    parser.add_argument("--json", metavar="PATH", help="write the figures to this JSON file")
+    parser.add_argument("--memory-worker", nargs=2, metavar=("SETTING", "STUDENT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_worker:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(memory_worker(*args.memory_worker, torch.device(args.device), args.memory_format)))
+        return 0
+    args.iters_b16, args.iters_b200 = (8, 3) if args.quick else (20, 6)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as utils.run does
+    env = environment([device])
+    print(describe(env), flush=True)
+    started = time.time()
+    results = []
+    with tempfile.TemporaryDirectory() as run_dir:
+        for setting in args.settings:
+            results.append(run_setting(setting, device, args, run_dir))
+            print(f"  {setting}: done", file=sys.stderr, flush=True)
+        print_table(results)
+        if args.profile:
+            profile_step(args.settings[0], "granq", device, run_dir, rows=25)
+    env["load_average_end"] = os.getloadavg()
+    env["seconds"] = round(time.time() - started, 1)
+    print(f"\n{env['seconds']} s; load average {env['load_average'][0]:.2f} at the start, "
+          f"{env['load_average_end'][0]:.2f} at the end")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "args": vars(args), "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The fast GranQ path: equal values and gradient to eager, few compilations, a clean fallback.
+
+Compiling takes seconds, so every test shares one compiled function (the ``compiled_granq`` fixture, the
+process-wide instance that ``granq_impl = compiled`` uses) and keeps tensors small. Where torch.compile
+does not work, the tests of the compiled path skip with the reason and the fallback tests still run.
+"""
+
+import copy
+import logging
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+import quantization_utils.fused as fused
+from quantization_utils import (
+    CompiledGranQ,
+    QuantAct,
+    QuantConv2d,
+    QuantLinear,
+    granq_fake_quant,
+    granq_function,
+    quantize_model,
+    weight_fake_quant,
+    weight_function,
+)
+
+
+@pytest.fixture(scope="module")
+def compiled_granq():
+    granq = granq_function("compiled")
+    try:
+        granq(torch.randn(3, 5, 4, 4), 4)
+    except RuntimeError as error:
+        pytest.skip(f"torch.compile does not work here: {error}")
+    return granq
+
+
+SHAPES = [(4, 8, 5, 5), (16, 3, 7, 7), (6, 33), (2, 64, 4, 4), (9, 16, 8, 8), (3, 5, 1, 1), (5, 1)]
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_compiled_equals_eager_over_shapes_and_batch_sizes(compiled_granq, bits):
+    generator = torch.Generator().manual_seed(bits)
+    for shape in SHAPES + [(batch, 16, 6, 6) for batch in (1, 2, 5, 17)] + [(batch, 10) for batch in (2, 7)]:
+        x = torch.randn(shape, generator=generator) * 3 + 0.5
+        assert torch.equal(compiled_granq(x, bits), granq_fake_quant(x, bits)), shape
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_compiled_equals_eager_on_hard_rows(compiled_granq, bits):
+    x = torch.randn(4, 6, 5, 5)
+    x[:, 1] = 2.5  # constant rows: zero span
+    x[0, 3] = -7.0
+    x[1, 2] = -torch.rand(5, 5) * 4 - 1  # all negative
+    x[2, 4] = torch.arange(25.0).view(5, 5) / 24 * (2**bits - 1)  # values exactly on the grid and halfway
+    x[3] = x[3].relu()  # post-ReLU rows with zeros
+    assert torch.equal(compiled_granq(x, bits), granq_fake_quant(x, bits))
+
+
+def test_compiled_on_non_contiguous_input(compiled_granq):
+    x = torch.randn(6, 8, 5, 5)
+    for view in (x[:, ::2], x.transpose(2, 3), x.to(memory_format=torch.channels_last)):
+        assert torch.equal(compiled_granq(view, 3), granq_fake_quant(view, 3))
+
+
+@pytest.mark.parametrize("granularity", ["kernel", "channel"])
+def test_compiled_weights_equal_eager(compiled_granq, granularity):
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(16, 16, 3, 3), (32, 16, 3, 3), (64, 32, 1, 1), (10, 64), (8, 3, 5, 5)]:
+        w = torch.randn(shape, generator=generator) * 0.1
+        layouts = [w] + ([w.to(memory_format=torch.channels_last)] if w.dim() == 4 else [])
+        for bits in (2, 3, 4, 8):
+            for weight in layouts:
+                expected = weight_fake_quant(weight, bits, granularity)
+                assert torch.equal(compiled_granq.weight(weight, bits, granularity), expected), (shape, bits)
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    upstream = torch.randn(8, 4, 3, 3)
+    (compiled_granq.weight(w, 3, granularity) * upstream).sum().backward()
+    assert torch.equal(w.grad, upstream)
+
+
+def test_compiled_gradient_is_straight_through(compiled_granq):
+    x = torch.randn(4, 6, 5, 5, requires_grad=True)
+    upstream = torch.randn(4, 6, 5, 5)
+    (compiled_granq(x, 3) * upstream).sum().backward()
+    assert torch.equal(x.grad, upstream)
+    # the same graph position as eager: the result depends on x, ranges carry no gradient
+    y = compiled_granq(x, 3)
+    assert y.requires_grad and y.grad_fn is not None
+
+
+def test_compiled_under_no_grad_keeps_no_graph(compiled_granq):
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    with torch.no_grad():
+        y = compiled_granq(x, 3)
+    assert not y.requires_grad
+    assert torch.equal(y, granq_fake_quant(x.detach(), 3))
+
+
+def test_new_shapes_do_not_recompile(compiled_granq):
+    """Batch size, channels and resolution change without a new compilation (sizes kept apart and > 8)."""
+    from torch._dynamo.utils import counters
+
+    compiled_granq(torch.randn(12, 16, 10, 10), 3)  # may compile the 2-D row pattern once
+    before = counters["stats"]["unique_graphs"]
+    for shape in [(13, 16, 10, 10), (20, 32, 12, 12), (200, 64, 9, 9), (11, 24, 14, 14)]:
+        x = torch.randn(shape)
+        assert torch.equal(compiled_granq(x, 3), granq_fake_quant(x, 3))
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_argument_errors_are_not_compiler_failures(compiled_granq):
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\] or \[N, F\]"):
+        compiled_granq(torch.randn(2, 3, 4), 4)
+    with pytest.raises(ValueError, match="bits must be an integer"):
+        compiled_granq(torch.randn(2, 3), 9)
+    assert compiled_granq.uses_compiled
+
+
+# --------------------------------------------------------------------------------------- fallback
+def failing_compiler(fn):
+    raise RuntimeError("simulated: no working C++ compiler")
+
+
+def compiler_failing_on_call(fn):
+    """Like torch.compile: wrapping succeeds, the first call fails (that is when Inductor compiles)."""
+
+    def compiled(*args):
+        raise OSError("simulated: compilation failed at the first call")
+
+    return compiled
+
+
+def wrong_compiler(fn):
+    """A compiler that changes the arithmetic: multiplies by the reciprocal instead of dividing."""
+
+    def compiled(groups, bits):
+        lo, hi = torch.aminmax(groups, dim=1, keepdim=True)
+        scale = (2**bits - 1) / torch.clamp(hi - lo, min=1e-8)
+        zero_point = torch.round(scale * lo) + 2 ** (bits - 1)
+        return (torch.round(scale * groups - zero_point) + zero_point) * (1 / scale)
+
+    return compiled
+
+
+@pytest.mark.parametrize("compiler", [failing_compiler, compiler_failing_on_call])
+def test_auto_falls_back_to_eager_once(compiler, caplog):
+    calls = []
+    granq = CompiledGranQ(strict=False, compiler=lambda fn: calls.append(fn) or compiler(fn))
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    with caplog.at_level(logging.WARNING, logger="quantization_utils.fused"):
+        y = granq(x, 3)
+    assert torch.equal(y, granq_fake_quant(x, 3))
+    assert not granq.uses_compiled and "simulated" in granq.failure
+    assert "using the eager one" in caplog.text and "simulated" in caplog.text
+    # eager from then on, gradient included; the compiler is not tried again
+    upstream = torch.randn_like(x)
+    (granq(x, 3) * upstream).sum().backward()
+    assert torch.equal(x.grad, upstream)
+    granq(torch.randn(2, 7), 5)
+    granq.weight(torch.randn(4, 3, 3, 3), 3)
+    assert len(calls) == 1
+    assert "eager fallback" in repr(granq)
+
+
+@pytest.mark.parametrize("compiler", [failing_compiler, compiler_failing_on_call])
+def test_compiled_raises_when_compilation_fails(compiler):
+    granq = CompiledGranQ(strict=True, compiler=compiler)
+    with pytest.raises(RuntimeError, match="granq_impl = compiled, but the compiled GranQ quantizer failed"):
+        granq(torch.randn(2, 3, 4, 4), 3)
+
+
+def test_values_that_differ_from_eager_are_caught(caplog):
+    x = torch.randn(64, 8, 6, 6) * 3
+    wrong = wrong_compiler(None)(x.reshape(512, 36), 3).view(x.shape)
+    assert not torch.equal(wrong, granq_fake_quant(x, 3))  # the simulated compiler really is wrong here
+    auto = CompiledGranQ(strict=False, compiler=wrong_compiler)
+    with caplog.at_level(logging.WARNING, logger="quantization_utils.fused"):
+        assert torch.equal(auto(x, 3), granq_fake_quant(x, 3))
+    assert "differ from the eager formula" in auto.failure
+    with pytest.raises(RuntimeError, match="differ from the eager formula"):
+        CompiledGranQ(strict=True, compiler=wrong_compiler)(x, 3)
+
+
+def test_quantize_model_wires_granq_impl():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU6(), nn.Flatten(), nn.Linear(4, 2))
+    for impl in ("auto", "compiled", "eager"):
+        student = quantize_model(model, 4, 4, granq_impl=impl)
+        acts = [m for m in student.modules() if isinstance(m, QuantAct)]
+        layers = [m for m in student.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+        assert len(acts) == 2 and len(layers) == 3
+        assert all(a.granq_impl == impl and a.granq_fn is granq_function(impl) for a in acts)
+        assert all(m.granq_impl == impl and m.weight_fn == weight_function(impl) for m in layers)
+        assert f"granq_impl={impl}" in repr(acts[0]) and f"granq_impl={impl}" in repr(layers[0])
+    assert granq_function("eager") is granq_fake_quant and weight_function("eager") is weight_fake_quant
+    assert granq_function("auto") is granq_function("auto") and not granq_function("auto").strict
+    with pytest.raises(ValueError, match="granq_impl must be one of"):
+        QuantAct(4, granq_impl="fast")
+    with pytest.raises(ValueError, match="granq_impl must be one of"):
+        QuantLinear(3, 2, granq_impl="fast")
+
+
+def test_compiled_student_equals_eager_student(compiled_granq):
+    from utils.models import get_model_spec
+
+    teacher = get_model_spec("resnet20_cifar10").build().eval()
+    x = torch.randn(3, 3, 32, 32)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        students = [quantize_model(teacher, 3, 3, granq_impl=impl).to(memory_format=memory_format)
+                    for impl in ("compiled", "eager")]
+        with torch.no_grad():
+            assert torch.equal(students[0](x), students[1](x))
+
+
+def test_copies_and_pickles_share_the_compiled_function():
+    act = QuantAct(3, granq_impl="auto")
+    assert copy.deepcopy(act).granq_fn is act.granq_fn
+    assert pickle.loads(pickle.dumps(act)).granq_fn is act.granq_fn
+    conv = QuantConv2d(3, 4, 3, granq_impl="auto")
+    assert copy.deepcopy(conv).weight_fn == conv.weight_fn
+    assert pickle.loads(pickle.dumps(conv)).weight_fn == conv.weight_fn
+
+
+def test_trainer_runs_with_compile_unavailable(monkeypatch, caplog, tmp_path, cifar_folder):
+    """A machine where torch.compile fails: the default (auto) trains with eager after one warning."""
+    from utils.config import load_options
+    from utils.data import build_test_loader
+    from utils.models import build_teacher
+    from utils.trainer import Trainer
+
+    from .conftest import CIFAR10_CONF
+
+    monkeypatch.setattr(fused, "_SHARED", {})
+    monkeypatch.setattr(fused, "compile_values", failing_compiler)
+    options = load_options(CIFAR10_CONF, [f"dataPath={cifar_folder}", "nThreads=0", "batchSize=4", "iters_per_epoch=2",
+                                          "warmup_epochs=0", "test_batch_size=10", "nEpochs=1"])
+    assert options.granq_impl == "auto"
+    teacher, _ = build_teacher(options.network, "random")
+    trainer = Trainer(options, teacher, build_test_loader(options), torch.device("cpu"), str(tmp_path), {})
+    with caplog.at_level(logging.WARNING, logger="quantization_utils.fused"):
+        summary = trainer.fit()
+    assert summary["student_top1"] is not None
+    acts = [m for m in trainer.student.modules() if isinstance(m, QuantAct)]
+    assert len({id(a.granq_fn) for a in acts}) == 1 and "simulated" in acts[0].granq_fn.failure
+    convs = [m for m in trainer.student.modules() if isinstance(m, QuantConv2d)]
+    assert all(c.weight_fn.__self__ is acts[0].granq_fn for c in convs)
+    assert caplog.text.count("the compiled GranQ quantizer failed") == 1
+
+
+def make_trainer(impl: str, tmp_path):
+    from utils.config import load_options
+    from utils.models import build_teacher
+    from utils.trainer import Trainer
+
+    from .conftest import CIFAR10_CONF
+
+    options = load_options(CIFAR10_CONF, ["batchSize=4", "iters_per_epoch=2", "warmup_epochs=0", "log_interval=2",
+                                          f"granq_impl={impl}"])
+    torch.manual_seed(0)
+    teacher, _ = build_teacher(options.network, "random")
+    return Trainer(options, teacher, None, torch.device("cpu"), str(tmp_path / impl), {})
+
+
+def test_training_is_the_same_with_the_fast_path(compiled_granq, tmp_path):
+    """Two iterations with the compiled quantizer and with eager give the same losses and weights, bit for bit."""
+    results = {}
+    for impl in ("compiled", "eager"):
+        trainer = make_trainer(impl, tmp_path)
+        torch.manual_seed(1)
+        record = trainer._train_epoch(0)
+        results[impl] = (record, trainer.student.state_dict(), trainer.generator.state_dict())
+    (record_c, student_c, generator_c), (record_e, student_e, generator_e) = results["compiled"], results["eager"]
+    assert {k: v for k, v in record_c.items() if k != "train_seconds"} == \
+        {k: v for k, v in record_e.items() if k != "train_seconds"}
+    assert all(torch.equal(v, student_e[k]) for k, v in student_c.items())
+    assert all(torch.equal(v, generator_e[k]) for k, v in generator_c.items())
+
+
+HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+@pytest.mark.parametrize("act_mode", ["granq", "layerwise"])
+def test_quantized_forward_and_backward_never_read_back_to_the_host(compiled_granq, act_mode, monkeypatch):
+    """No .item(), .tolist(), .cpu() or bool(tensor) in a student's forward and backward (a device sync on CUDA)."""
+    from utils.models import get_model_spec
+
+    student = quantize_model(get_model_spec("resnet20_cifar10").build().eval(), 3, 3, act_mode, granq_impl="compiled")
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    student(x).sum().backward()  # first call: verification against eager, which may read back
+    called = []
+    for name in HOST_SYNCS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _f=original, **k: called.append(_n) or _f(
+            self, *a, **k))
+    student(x).sum().backward()
+    with torch.no_grad():
+        student(x)
+    monkeypatch.undo()
+    assert called == []
