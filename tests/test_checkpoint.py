@@ -35,7 +35,7 @@ def _trained_trainer(run_dir, conf, *sets):
 def test_rebuilt_student_gives_identical_outputs(tmp_path, conf, sets):
     trainer = _trained_trainer(tmp_path, conf, *sets)
     trainer.save_checkpoint()
-    student = load_quantized_model(str(tmp_path))
+    student = load_quantized_model(str(tmp_path)).to(memory_format=trainer.memory_format)
     images = torch.randn(6, 3, 32, 32)
     set_act_tracking(trainer.student, False)  # as the trainer does before evaluating
     with torch.no_grad():
