@@ -13,7 +13,7 @@ from quantization_utils.checkpoint import MODEL_KEYS, CheckpointError, read_stud
 from .config import options_from_dict, parse_override
 from .data import build_test_loader
 from .errors import UserError
-from .trainer import evaluate, resnet_memory_format
+from .trainer import evaluate
 
 __all__ = ["evaluate_saved"]
 
@@ -57,9 +57,8 @@ def evaluate_saved(path: str, data_path: str | None = None, overrides: typing.It
     options = _saved_options(checkpoint, data_path, overrides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loader = build_test_loader(options)
-    # The trainer's layout: convolution results then match the run's own evaluation bit for bit.
-    student = student.to(device, memory_format=resnet_memory_format(device))
-    top1, top5 = evaluate(student, loader, device)
+    # The default layout, as the trainer evaluates: the run's own accuracy is repeated bit for bit.
+    top1, top5 = evaluate(student.to(device), loader, device)
     # checkpoint.pt records its last evaluation as last_top1, best_student.pt its own as top1.
     recorded = checkpoint.get("last_top1", checkpoint.get("top1"))
     summary = {
