@@ -94,14 +94,31 @@ class Quantizers:
 
     def __init__(self, bits: int, device: torch.device):
         self.bits = bits
-        self.granq_fast = CompiledGranQ(strict=True)
-        self.layerwise_compiled = compile_values(layerwise_values)
         self.x_min = torch.zeros((), device=device)
         self.x_max = torch.full((), 3.0, device=device)
+        self.granq_fast = CompiledGranQ(strict=True)
+        self.fast_failure = None  # where torch.compile does not work, both "fast" columns measure eager
+        try:
+            self.layerwise_compiled = compile_values(layerwise_values)
+            probe = torch.rand(2, 3, 4, 4, device=device)
+            self.granq_fast(probe, bits)
+            self.layerwise_fast(probe)
+        except Exception as error:  # no compiler, no Triton: report it and measure the rest
+            self.fast_failure = f"{type(error).__name__}: {error}".splitlines()[0]
+            self.granq_fast = granq_fake_quant
+            self.layerwise_compiled = layerwise_values
+            print(f"WARNING: torch.compile does not work here ({self.fast_failure}); the 'fast' columns are eager",
+                  file=sys.stderr)
+
+    def _layerwise_values(self, x, bits):
+        # Compiled as the GranQ fast path is: every size dynamic, one compilation for all shapes.
+        x = x.detach()
+        for dim in range(x.dim()):
+            torch._dynamo.maybe_mark_dynamic(x, dim)
+        return self.layerwise_compiled(x, bits, self.x_min, self.x_max)
 
     def layerwise_fast(self, x):
-        compiled = self.layerwise_compiled
-        return StraightThrough.apply(x, lambda t, b: compiled(t, b, self.x_min, self.x_max), self.bits)
+        return StraightThrough.apply(x, self._layerwise_values, self.bits)
 
     def methods(self) -> dict:
         b = self.bits
@@ -185,6 +202,7 @@ def run_device(device: torch.device, args) -> list[dict]:
                     x = contiguous.to(memory_format=LAYOUTS[layout])
                     row = {"device": device.type, "layout": layout, "network": network, "batch": batch,
                            "shape": list(full), "channels": shape[0], "bits": args.bits,
+                           "fast_failure": quantizers.fast_failure,
                            "torch_op_mismatch": None, "torch_op_max_diff_steps": None}
                     row["torch_op_mismatch"], row["torch_op_max_diff_steps"] = torch_op_mismatch(x, args.bits)
                     for mode in MODES:

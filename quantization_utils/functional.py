@@ -46,9 +46,9 @@ __all__ = [
     "per_row_fake_quant",
     "per_row_params",
     "per_row_values",
+    "quant_params",
     "range_groups",
     "range_ungroup",
-    "quant_params",
     "weight_fake_quant",
 ]
 
