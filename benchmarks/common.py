@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import time
 
 import torch
 
@@ -43,3 +45,14 @@ def describe(env: dict) -> str:
         text += (f"\nWARNING: load average {load:.1f} before starting: other processes compete for the CPUs, "
                  f"so times are inflated and noisy (ratios within a run are fairer, figures across runs are not)")
     return text
+
+
+def finish(env: dict, started: float, json_path: str | None, payload: dict) -> None:
+    """Print the run's duration and load, and write ``{"environment": env, "args": ..., **payload}`` as JSON."""
+    env["load_average_end"] = os.getloadavg()
+    env["seconds"] = round(time.time() - started, 1)
+    print(f"\n{env['seconds']} s; load average {env['load_average'][0]:.2f} at the start, "
+          f"{env['load_average_end'][0]:.2f} at the end")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"environment": env, **payload}, f, indent=1)

@@ -16,7 +16,6 @@ one batch of N random 224 x 224 images (the evaluation pass of a run, at ``test_
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.common import cpu_name  # noqa: E402
 
 CONFIGS = ("imagenet_res18", "imagenet_res50", "imagenet_MV2")
 GIB = 1024**3
@@ -90,17 +91,6 @@ def _run_worker(*args: str) -> dict | None:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
@@ -117,7 +107,7 @@ def main(argv=None) -> int:
         print(json.dumps(measure_evaluation(args.worker_eval, args.eval_batch)), flush=True)
         return 0
 
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores; batch {args.batch}, 224 x 224, "
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores; batch {args.batch}, 224 x 224, "
           f"{args.iters} iterations")
     evaluation = f" | peak RSS, evaluation at batch {args.eval_batch} (GiB)" if args.eval_batch else ""
     print(f"| config | network | peak RSS, training (GiB) | RSS before training (GiB) | s / iteration{evaluation} |")

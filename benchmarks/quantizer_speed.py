@@ -18,7 +18,6 @@ speed targets; ``--json`` writes every figure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import describe, environment, synchronize  # noqa: E402
+from benchmarks.common import describe, environment, finish, synchronize  # noqa: E402
 from quantization_utils import QuantAct, quantize_model  # noqa: E402
 from quantization_utils.functional import (  # noqa: E402
     StraightThrough,
@@ -281,13 +280,7 @@ def main(argv=None) -> int:
     for device in devices:
         rows += run_device(device, args)
     print_table(rows)
-    env["load_average_end"] = os.getloadavg()
-    env["seconds"] = round(time.time() - started, 1)
-    print(f"\n{env['seconds']} s; load average {env['load_average'][0]:.2f} at the start, "
-          f"{env['load_average_end'][0]:.2f} at the end")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=1)
+    finish(env, started, args.json, {"args": vars(args), "rows": rows})
     return 0
 
 

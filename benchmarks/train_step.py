@@ -42,7 +42,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import describe, environment, synchronize  # noqa: E402
+from benchmarks.common import describe, environment, finish, synchronize  # noqa: E402
 from quantization_utils import set_act_tracking  # noqa: E402
 from utils.config import load_options  # noqa: E402
 from utils.models import build_teacher  # noqa: E402
@@ -239,13 +239,7 @@ def main(argv=None) -> int:
         print_table(results)
         if args.profile:
             profile_step(args.settings[0], "granq", device, run_dir, rows=25)
-    env["load_average_end"] = os.getloadavg()
-    env["seconds"] = round(time.time() - started, 1)
-    print(f"\n{env['seconds']} s; load average {env['load_average'][0]:.2f} at the start, "
-          f"{env['load_average_end'][0]:.2f} at the end")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "args": vars(args), "results": results}, f, indent=1)
+    finish(env, started, args.json, {"args": vars(args), "results": results})
     return 0
 
 
