@@ -8,7 +8,7 @@ from .checkpoint import (
     resolve_student_checkpoint,
 )
 from .functional import (
-    StraightThroughFakeQuant,
+    StraightThrough,
     channel_loop_fake_quant,
     check_bits,
     fake_quantize,
@@ -29,7 +29,7 @@ __all__ = [
     "QuantAct",
     "QuantConv2d",
     "QuantLinear",
-    "StraightThroughFakeQuant",
+    "StraightThrough",
     "channel_loop_fake_quant",
     "check_bits",
     "count_modules",

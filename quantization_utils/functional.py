@@ -35,7 +35,6 @@ __all__ = [
     "MIN_BITS",
     "WEIGHT_GRANULARITIES",
     "StraightThrough",
-    "StraightThroughFakeQuant",
     "channel_loop_fake_quant",
     "check_bits",
     "fake_quantize",
@@ -93,22 +92,6 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return (q + zero_point) / scale
 
 
-class StraightThroughFakeQuant(torch.autograd.Function):
-    """Fake-quantize in the forward pass; pass the gradient through unchanged in the backward pass.
-
-    forward:  y = fake_quantize(x, scale, zero_point)
-    backward: dL/dx = dL/dy; scale and zero point get no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, clamp_bits=None):
-        return fake_quantize(x, scale, zero_point, clamp_bits)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return grad_output, None, None, None
-
-
 class StraightThrough(torch.autograd.Function):
     """Apply a value function in the forward pass; pass the gradient through unchanged in the backward pass.
 
@@ -146,7 +129,7 @@ def per_row_fake_quant(x: torch.Tensor, bits: int, leading_dims: int) -> torch.T
     """
     check_bits(bits)
     scale, zero_point = per_row_params(x, bits, leading_dims)
-    return StraightThroughFakeQuant.apply(x, scale, zero_point)
+    return StraightThrough.apply(x, fake_quantize, scale, zero_point)
 
 
 def _activation_leading_dims(x: torch.Tensor) -> int:
@@ -244,7 +227,7 @@ def layerwise_fake_quant(x: torch.Tensor, bits: int, x_min, x_max) -> torch.Tens
     x_min = torch.as_tensor(x_min, dtype=x.dtype, device=x.device)
     x_max = torch.as_tensor(x_max, dtype=x.dtype, device=x.device)
     scale, zero_point = quant_params(x_min, x_max, bits)
-    return StraightThroughFakeQuant.apply(x, scale, zero_point, bits)
+    return StraightThrough.apply(x, fake_quantize, scale, zero_point, bits)
 
 
 def weight_fake_quant(w: torch.Tensor, bits: int, granularity: str = "kernel") -> torch.Tensor:
