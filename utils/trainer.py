@@ -77,8 +77,8 @@ def evaluate(model: nn.Module, loader, device) -> tuple[float, float]:
 
 
 def resnet_memory_format(device: torch.device) -> torch.memory_format:
-    """Layout of the teacher and the student: channels_last on the CPU, where oneDNN runs their convolutions
-    faster so (README, Speed; not the generator's), and GranQ's ranges reduce along contiguous channels."""
+    """Layout of the teacher and the student during training: channels_last on the CPU, where oneDNN runs
+    their convolutions faster (README, Speed; the generator gains nothing from it)."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
@@ -213,10 +213,15 @@ class Trainer:
                     os.path.join(self.run_dir, BEST_STUDENT))
 
     # ---------------------------------------------------------------------------------- training
-    def _step(self, train_student: bool) -> torch.Tensor:
+    def _sample_noise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent vectors and uniformly drawn labels for one generator batch."""
         o = self.options
         z = torch.randn(o.batchSize, o.latent_dim, device=self.device)
-        labels = torch.randint(0, o.nClasses, (o.batchSize,), device=self.device)
+        return z, torch.randint(0, o.nClasses, (o.batchSize,), device=self.device)
+
+    def _step(self, train_student: bool) -> torch.Tensor:
+        o = self.options
+        z, labels = self._sample_noise()
         images = self.generator_forward(z, labels)
         with self.bn_stats.capture():
             teacher_logits = self.teacher(images)
@@ -334,8 +339,7 @@ class Trainer:
         set_act_tracking(self.student, True)
         with torch.no_grad():
             for _ in range(self.options.iters_per_epoch):
-                z = torch.randn(self.options.batchSize, self.options.latent_dim, device=self.device)
-                labels = torch.randint(0, self.options.nClasses, (self.options.batchSize,), device=self.device)
+                z, labels = self._sample_noise()
                 self.student_forward(self.generator_forward(z, labels))
         set_act_tracking(self.student, False)
 
