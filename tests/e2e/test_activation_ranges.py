@@ -11,7 +11,7 @@ from utils.config import load_options
 from utils.generator import build_generator
 from utils.models import build_teacher
 
-from .conftest import CIFAR10_CONF, CIFAR10A_CONF, ROOT
+from ..conftest import CIFAR10_CONF, CIFAR10A_CONF, ROOT
 
 
 def _tool():

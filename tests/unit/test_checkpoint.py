@@ -15,7 +15,7 @@ from utils.config import load_options
 from utils.models import build_teacher
 from utils.trainer import BEST_STUDENT, CHECKPOINT, Trainer
 
-from .conftest import CIFAR10_CONF, CIFAR10A_CONF
+from ..conftest import CIFAR10_CONF, CIFAR10A_CONF
 
 
 def _trained_trainer(run_dir, conf, *sets):

@@ -10,7 +10,7 @@ import torch
 
 import utils.trainer as trainer_module
 
-from .conftest import ROOT, last_json, run_main, tiny_run_args
+from ..conftest import ROOT, last_json, run_main, tiny_run_args
 
 ACCURACY_KEYS = ("teacher_top1", "teacher_top5", "student_top1", "student_top5", "best_top1", "best_top5", "epochs")
 

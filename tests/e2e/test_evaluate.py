@@ -11,7 +11,7 @@ from utils.errors import UserError
 from utils.evaluate import evaluate_saved
 from utils.models import build_teacher
 
-from .conftest import last_json, make_image_folder, run_main, tiny_run_args
+from ..conftest import last_json, make_image_folder, run_main, tiny_run_args
 
 
 def _teacher_labelled_run(root):

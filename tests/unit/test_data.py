@@ -5,7 +5,7 @@ from utils.config import load_options
 from utils.data import build_test_loader, find_image_folder, normalization
 from utils.errors import UserError
 
-from .conftest import CIFAR10_CONF, CIFAR10_JPEG, make_image_folder, needs_shared_data
+from ..conftest import CIFAR10_CONF, CIFAR10_JPEG, make_image_folder, needs_shared_data
 
 
 def options(data_path, *sets):

@@ -3,7 +3,7 @@ import subprocess
 
 import pytest
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 SCRIPTS = ["run_3bit.sh", "run_3bit_cifar100.sh"] + [
     f"CIFAR/run_{bits}bit{suffix}.sh" for bits in (3, 4, 5) for suffix in ("", "_cifar100")]

@@ -230,7 +230,7 @@ def test_trainer_runs_with_compile_unavailable(monkeypatch, caplog, tmp_path, ci
     from utils.models import build_teacher
     from utils.trainer import Trainer
 
-    from .conftest import CIFAR10_CONF
+    from ..conftest import CIFAR10_CONF
 
     monkeypatch.setattr(fused, "_SHARED", {})
     monkeypatch.setattr(fused, "compile_values", failing_compiler)
@@ -254,7 +254,7 @@ def make_trainer(impl: str, tmp_path):
     from utils.models import build_teacher
     from utils.trainer import Trainer
 
-    from .conftest import CIFAR10_CONF
+    from ..conftest import CIFAR10_CONF
 
     options = load_options(CIFAR10_CONF, ["batchSize=4", "iters_per_epoch=2", "warmup_epochs=0", "log_interval=2",
                                           f"granq_impl={impl}"])

@@ -7,7 +7,7 @@ import torch
 
 from utils.models import get_model_spec
 
-from .conftest import CIFAR10A_CONF, last_json, run_main, tiny_run_args
+from ..conftest import CIFAR10A_CONF, last_json, run_main, tiny_run_args
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from utils.data import build_test_loader
 from utils.models import build_teacher
 from utils.trainer import Trainer, learning_rate
 
-from .conftest import (
+from ..conftest import (
     CIFAR10_CONF,
     CIFAR10_JPEG,
     CIFAR10A_CONF,

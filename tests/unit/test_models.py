@@ -9,7 +9,7 @@ import utils.models as models
 from utils.errors import UserError
 from utils.models import build_teacher, get_model_spec, model_names
 
-from .conftest import PYTORCHCV_JPEG_WEIGHTS, RESNET20A_WEIGHTS, needs_shared_data
+from ..conftest import PYTORCHCV_JPEG_WEIGHTS, RESNET20A_WEIGHTS, needs_shared_data
 
 
 def test_unknown_network_lists_known_ones():

@@ -3,7 +3,7 @@ import pytest
 from utils.config import Options, load_options, parse_override
 from utils.errors import ConfigError
 
-from .conftest import CIFAR10_CONF, CIFAR10A_CONF, ROOT
+from ..conftest import CIFAR10_CONF, CIFAR10A_CONF, ROOT
 
 
 def test_official_configs_load_with_official_values():

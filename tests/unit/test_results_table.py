@@ -13,7 +13,7 @@ from utils.errors import UserError
 from utils.published import load_published
 from utils.results import find_summaries, load_summaries, results_markdown
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 PAPER_NUMBERS = os.path.join(os.path.dirname(ROOT), "shared", "reference", "paper_numbers.md")
 TOOL = os.path.join(ROOT, "tools", "results_table.py")

@@ -8,7 +8,7 @@ from PIL import Image
 
 from utils.plots import ACCURACY_PNG, LOSSES_PNG, _series, plot_run
 
-from .conftest import ROOT, last_json, run_main, tiny_run_args
+from ..conftest import ROOT, last_json, run_main, tiny_run_args
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -22,7 +22,7 @@ from utils.errors import UserError
 from utils.models import get_model_spec
 from utils.trainer import Trainer
 
-from .conftest import ROOT, last_json, make_image_folder, run_main
+from ..conftest import ROOT, last_json, make_image_folder, run_main
 
 IMAGENET = os.path.join(ROOT, "ImageNet")
 CONFIGS = {"imagenet_res18": "resnet18", "imagenet_res50": "resnet50", "imagenet_MV2": "mobilenetv2_w1"}

@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from .conftest import ROOT, tiny_run_args
+from ..conftest import ROOT, tiny_run_args
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path, cifar_folder):
