@@ -54,7 +54,7 @@ def measure(config: str, batch: int, iters: int) -> dict:
         trainer = Trainer(options, teacher, None, torch.device("cpu"), run_dir, {})
         rss_before = _max_rss_bytes()
         started = time.perf_counter()
-        record = trainer._train_epoch(0)
+        record = trainer.train_epoch(0)
         seconds = time.perf_counter() - started
     return {"config": config, "network": options.network, "batch": batch, "iters": iters,
             "max_rss_gib": round(_max_rss_bytes() / GIB, 2), "setup_rss_gib": round(rss_before / GIB, 2),
@@ -68,8 +68,8 @@ def measure_evaluation(config: str, batch: int) -> dict:
 
     from quantization_utils import quantize_model
     from utils.config import load_options
+    from utils.evaluate import evaluate
     from utils.models import build_teacher
-    from utils.trainer import evaluate
 
     options = load_options(os.path.join(ROOT, "ImageNet", f"{config}.hocon"), ["teacher_weights=random"])
     teacher, _ = build_teacher(options.network, options.teacher_weights)

@@ -76,7 +76,7 @@ def make_trainer(setting: str, student: str, device: torch.device, run_dir: str,
     if memory_format == "contiguous":  # undo the trainer's choice, to measure it
         for model in (trainer.teacher, trainer.student, trainer.generator):
             model.to(memory_format=torch.contiguous_format)
-    trainer._set_learning_rates(0)
+    trainer.set_learning_rates(0)
     set_act_tracking(trainer.student, True)  # as in the first act_range_epochs epochs
     return trainer
 
@@ -84,7 +84,7 @@ def make_trainer(setting: str, student: str, device: torch.device, run_dir: str,
 def timed_step(trainer: Trainer, device: torch.device) -> float:
     synchronize(device)
     start = time.perf_counter()
-    trainer._step(train_student=True)
+    trainer.step(train_student=True)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -110,7 +110,7 @@ def memory_worker(setting: str, student: str, device: torch.device, memory_forma
         synchronize(device)
         built = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mib("VmRSS")
         for _ in range(3):
-            trainer._step(train_student=True)
+            trainer.step(train_student=True)
         synchronize(device)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
@@ -135,7 +135,7 @@ def run_setting(setting: str, device: torch.device, args, run_dir: str) -> dict:
     trainers = {name: make_trainer(setting, name, device, run_dir, args.memory_format) for name in STUDENTS}
     for trainer in trainers.values():
         for _ in range(args.warmup):  # compilation, allocator, caches
-            trainer._step(train_student=True)
+            trainer.step(train_student=True)
     iterations = args.iters if args.iters else (args.iters_b16 if setting == "cifar10" else args.iters_b200)
     samples = {name: [] for name in trainers}
     for _ in range(iterations):
@@ -156,11 +156,11 @@ def profile_step(setting: str, student: str, device: torch.device, run_dir: str,
 
     trainer = make_trainer(setting, student, device, run_dir)
     for _ in range(3):
-        trainer._step(train_student=True)
+        trainer.step(train_student=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(5):
-            trainer._step(train_student=True)
+            trainer.step(train_student=True)
         synchronize(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\nprofile of 5 iterations, {setting}, {student} student:")

@@ -1,12 +1,5 @@
 """Fake quantization for zero-shot QAT: GranQ's per-(sample, channel) activation quantizer and baselines."""
 
-from .checkpoint import (
-    CheckpointError,
-    load_quantized_model,
-    read_student_checkpoint,
-    rebuild_student,
-    resolve_student_checkpoint,
-)
 from .functional import (
     StraightThrough,
     channel_loop_fake_quant,
@@ -18,18 +11,19 @@ from .functional import (
     weight_fake_quant,
 )
 from .fused import GRANQ_IMPLS, CompiledGranQ, granq_function, weight_function
-from .modules import ACT_MODES, QuantAct, QuantConv2d, QuantLinear
-from .quantize import count_modules, quantize_model, set_act_tracking
+from .modules import ACT_MODES, QuantAct, QuantConv2d, QuantLinear, WeightQuant
+from .quantize import STUDENT_KEYS, count_modules, quantize_model, rebuild_student, set_act_tracking
 
 __all__ = [
     "ACT_MODES",
-    "CheckpointError",
     "CompiledGranQ",
     "GRANQ_IMPLS",
     "QuantAct",
     "QuantConv2d",
     "QuantLinear",
+    "STUDENT_KEYS",
     "StraightThrough",
+    "WeightQuant",
     "channel_loop_fake_quant",
     "check_bits",
     "count_modules",
@@ -37,12 +31,9 @@ __all__ = [
     "granq_fake_quant",
     "granq_function",
     "layerwise_fake_quant",
-    "load_quantized_model",
     "quant_params",
     "quantize_model",
-    "read_student_checkpoint",
     "rebuild_student",
-    "resolve_student_checkpoint",
     "set_act_tracking",
     "weight_fake_quant",
     "weight_function",

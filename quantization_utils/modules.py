@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,82 +15,89 @@ from .functional import (
 )
 from .fused import granq_function, weight_function
 
-__all__ = ["ACT_MODES", "QuantAct", "QuantConv2d", "QuantLinear"]
+__all__ = ["ACT_MODES", "QuantAct", "QuantConv2d", "QuantLinear", "WeightQuant"]
 
 ACT_MODES = ("granq", "layerwise")
 
 
-def _check_granularity(granularity: str) -> str:
-    if granularity not in WEIGHT_GRANULARITIES:
-        raise ValueError(f"weight_granularity must be one of {WEIGHT_GRANULARITIES}, got {granularity!r}")
-    return granularity
+@dataclass(frozen=True)
+class WeightQuant:
+    """How a layer's weight is fake-quantized: ``bits``, ``granularity`` (one range per (out, in) kernel
+    or per output channel) and ``impl``, the ``granq_impl`` that picks the implementation
+    (:func:`.fused.weight_function`); every implementation gives the same values.
 
-
-class _WeightQuantMixin:
-    """Shared settings of layers whose weight is fake-quantized from the float weight on every forward.
-
-    ``granq_impl`` picks the implementation (:func:`.fused.weight_function`): all give the same values.
+    >>> WeightQuant(4, "channel")
+    WeightQuant(bits=4, granularity='channel', impl='auto')
     """
 
-    weight_bits: int
-    weight_granularity: str
+    bits: int
+    granularity: str = "kernel"
+    impl: str = "auto"
 
-    def _init_quant(self, weight_bits: int, weight_granularity: str, granq_impl: str) -> None:
-        self.weight_bits = check_bits(weight_bits)
-        self.weight_granularity = _check_granularity(weight_granularity)
-        self.granq_impl = granq_impl
-        self.weight_fn = weight_function(granq_impl)  # weight_fake_quant, or its compiled fast path
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.granularity not in WEIGHT_GRANULARITIES:
+            raise ValueError(f"weight_granularity must be one of {WEIGHT_GRANULARITIES}, got {self.granularity!r}")
+
+
+class _QuantWeightLayer:
+    """A float layer whose weight is fake-quantized from the float weight on every forward.
+
+    Subclasses list the constructor arguments that copy a float layer in ``_float_kwargs``.
+    """
+
+    def __init__(self, *args, quant: WeightQuant, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.quant = quant
+        self.weight_fn = weight_function(quant.impl)  # weight_fake_quant, or its compiled fast path
+
+    @property
+    def weight_bits(self) -> int:
+        return self.quant.bits
+
+    @property
+    def weight_granularity(self) -> str:
+        return self.quant.granularity
+
+    @property
+    def granq_impl(self) -> str:
+        return self.quant.impl
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_fn(self.weight, self.weight_bits, self.weight_granularity)
+        return self.weight_fn(self.weight, self.quant.bits, self.quant.granularity)
 
     @classmethod
-    def _copy_float(cls, quantized, float_module):
-        quantized.load_state_dict(float_module.state_dict())
-        quantized.train(float_module.training)
-        return quantized.to(device=float_module.weight.device, dtype=float_module.weight.dtype)
+    def from_float(cls, module: nn.Module, quant: WeightQuant):
+        """A quantized copy of the float ``module``: same arguments, weights, mode, device and dtype."""
+        quantized = cls(**cls._float_kwargs(module), quant=quant)
+        quantized.load_state_dict(module.state_dict())
+        quantized.train(module.training)
+        return quantized.to(device=module.weight.device, dtype=module.weight.dtype)
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, weight_bits={self.weight_bits}, "
-                f"weight_granularity={self.weight_granularity}, granq_impl={self.granq_impl}")
+        q = self.quant
+        return f"{super().extra_repr()}, weight_bits={q.bits}, weight_granularity={q.granularity}, granq_impl={q.impl}"
 
 
-class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
+class QuantConv2d(_QuantWeightLayer, nn.Conv2d):
     """``nn.Conv2d`` whose weight is fake-quantized on every forward. Parameters stay in float."""
 
-    def __init__(self, *args, weight_bits: int = 8, weight_granularity: str = "kernel", granq_impl: str = "auto",
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_quant(weight_bits, weight_granularity, granq_impl)
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_bits: int, weight_granularity: str = "kernel",
-                   granq_impl: str = "auto") -> QuantConv2d:
-        quantized = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            weight_bits=weight_bits, weight_granularity=weight_granularity, granq_impl=granq_impl,
-        )
-        return cls._copy_float(quantized, conv)
+    @staticmethod
+    def _float_kwargs(conv: nn.Conv2d) -> dict:
+        return dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
+                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
-class QuantLinear(_WeightQuantMixin, nn.Linear):
+class QuantLinear(_QuantWeightLayer, nn.Linear):
     """``nn.Linear`` whose weight is fake-quantized (one range per row) on every forward."""
 
-    def __init__(self, *args, weight_bits: int = 8, weight_granularity: str = "kernel", granq_impl: str = "auto",
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_quant(weight_bits, weight_granularity, granq_impl)
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, weight_bits: int, weight_granularity: str = "kernel",
-                   granq_impl: str = "auto") -> QuantLinear:
-        quantized = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                        weight_bits=weight_bits, weight_granularity=weight_granularity, granq_impl=granq_impl)
-        return cls._copy_float(quantized, linear)
+    @staticmethod
+    def _float_kwargs(linear: nn.Linear) -> dict:
+        return dict(in_features=linear.in_features, out_features=linear.out_features, bias=linear.bias is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)

@@ -26,6 +26,7 @@ from utils.data import build_test_loader, find_image_folder  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.generator import build_generator  # noqa: E402
 from utils.models import build_teacher  # noqa: E402
+from utils.run_files import RunFileError, find_checkpoint, load_run_file  # noqa: E402
 
 logger = logging.getLogger("granq")
 SOURCES = ("real", "generator", "noise")
@@ -46,16 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_run(path: str) -> dict:
-    file = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise UserError(f"--run {path!r}: no checkpoint.pt there; give a run directory that finished an epoch")
+    file = find_checkpoint(path) if os.path.isdir(path) else path
     try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a damaged or foreign file
-        raise UserError(f"--run {path!r}: {file} cannot be read ({error})") from None
-    if not isinstance(checkpoint, dict) or "generator" not in checkpoint:
-        raise UserError(f"--run {path!r}: {file} holds no generator (best_student.pt does not; use checkpoint.pt)")
-    return checkpoint
+        return load_run_file(file, require=("generator",))
+    except RunFileError as error:
+        raise UserError(f"--run: {error}") from None
 
 
 def _options(args, checkpoint):

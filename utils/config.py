@@ -16,12 +16,13 @@ from quantization_utils.functional import MAX_BITS, MIN_BITS, WEIGHT_GRANULARITI
 
 from .errors import ConfigError
 from .models import get_model_spec, model_names
+from .schedules import LR_POLICIES
 
 __all__ = ["DATASET_CLASSES", "GENERATORS", "LEGACY_KEYS", "Options", "load_options", "parse_override"]
 
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 GENERATORS = ("label_embedding", "conditional_bn")
-LR_POLICIES = ("multi_step", "const")
+NETWORKS = ("S", "G")  # the suffixes of the student's and the generator's optimiser keys
 OPTIMIZERS = ("SGD", "Adam")
 
 # Keys of the official configs that have no effect here; accepted so published configs still load.
@@ -54,10 +55,15 @@ class Options:
     weightDecay: float = 1e-4
     opt_type: str = "SGD"
     warmup_epochs: int = 4
+    # Learning-rate schedules of the student (_S) and the generator (_G); see schedule()
     lr_S: float = 1e-4
+    lr_G: float = 1e-3
     lrPolicy_S: str = "multi_step"
+    lrPolicy_G: str = "multi_step"
     step_S: list[int] = field(default_factory=lambda: [100, 200, 300])
+    step_G: list[int] = field(default_factory=lambda: [100, 200, 300])
     decayRate_S: float = 0.1
+    decayRate_G: float = 0.1
     # Quantization
     qw: int = 3
     qa: int = 3
@@ -81,10 +87,6 @@ class Options:
     latent_dim: int = 100
     img_size: int = 32
     channels: int = 3
-    lr_G: float = 1e-3
-    lrPolicy_G: str = "multi_step"
-    step_G: list[int] = field(default_factory=lambda: [100, 200, 300])
-    decayRate_G: float = 0.1
     b1: float = 0.5
     b2: float = 0.999
     # Teacher and data
@@ -108,8 +110,8 @@ class Options:
         _choice(self, "dataset", tuple(DATASET_CLASSES))
         _choice(self, "act_mode", ACT_MODES)
         _choice(self, "weight_granularity", WEIGHT_GRANULARITIES)
-        _choice(self, "lrPolicy_S", LR_POLICIES)
-        _choice(self, "lrPolicy_G", LR_POLICIES)
+        for net in NETWORKS:
+            _choice(self, f"lrPolicy_{net}", LR_POLICIES)
         _choice(self, "opt_type", OPTIMIZERS)
         _choice(self, "granq_impl", GRANQ_IMPLS)
         if self.generator:
@@ -145,6 +147,16 @@ class Options:
         if any(s <= 0 for s in self.norm_std):
             raise ConfigError(f"norm_std = {self.norm_std} must be positive")
         return self
+
+    def schedule(self, net: str) -> tuple[float, str, list[int], float]:
+        """(base rate, policy, steps, decay) of the student (``net = "S"``) or the generator (``"G"``)."""
+        return (getattr(self, f"lr_{net}"), getattr(self, f"lrPolicy_{net}"), getattr(self, f"step_{net}"),
+                getattr(self, f"decayRate_{net}"))
+
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether the student is evaluated after ``epoch`` (0-based): always after the last one."""
+        last = epoch == self.nEpochs - 1
+        return last or (epoch >= self.eval_start_epoch and (epoch + 1) % self.eval_every == 0)
 
     @property
     def generator_kind(self) -> str:

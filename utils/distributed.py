@@ -1,12 +1,13 @@
 """Thin helpers over torch.distributed; every function also works in a single process."""
 
+import hashlib
 import os
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["all_gather_objects", "all_reduce", "broadcast_object", "init_from_env", "is_distributed", "rank",
-           "shutdown", "world_size"]
+           "replica_checksums", "shutdown", "world_size"]
 
 
 def is_distributed() -> bool:
@@ -66,3 +67,14 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def replica_checksums(module: torch.nn.Module) -> list[str]:
+    """One short SHA-256 of ``module``'s state per rank; raises if the replicas differ."""
+    digest = hashlib.sha256()
+    for tensor in module.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    checksums = all_gather_objects(digest.hexdigest()[:16])
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"the students of the {world_size()} processes diverged: {checksums}")
+    return checksums

@@ -1,4 +1,4 @@
-"""Evaluate a saved student on the test set without training: the run's options come from the file."""
+"""Test-set accuracy: of a model during training, and of a saved student without the trainer."""
 
 from __future__ import annotations
 
@@ -7,24 +7,73 @@ import os
 import typing
 
 import torch
+import torch.nn as nn
 
-from quantization_utils.checkpoint import MODEL_KEYS, CheckpointError, read_student_checkpoint, rebuild_student
+from quantization_utils import STUDENT_KEYS, rebuild_student
 
+from . import distributed
 from .config import options_from_dict, parse_override
 from .data import build_test_loader
 from .errors import UserError
-from .trainer import evaluate
+from .models import get_model_spec
+from .run_files import RunFileError, find_student_file, load_run_file
 
-__all__ = ["evaluate_saved"]
+__all__ = ["evaluate", "evaluate_saved", "load_quantized_model"]
 
 logger = logging.getLogger("granq")
 
 # Overriding these would evaluate a different model than the one saved.
-FIXED_KEYS = MODEL_KEYS + ("dataset", "nClasses")
+FIXED_KEYS = ("network",) + STUDENT_KEYS + ("dataset", "nClasses")
 
 
-def _saved_options(checkpoint: dict, data_path: str | None, overrides: typing.Iterable[str]):
-    values = dict(checkpoint["options"])
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy in percent over ``loader`` (summed over ranks when distributed).
+
+    Hits are counted on the device and read back once, at the end: the loop never waits for the GPU.
+    """
+    model.eval()
+    hits = torch.zeros(2, dtype=torch.long, device=device)  # top-1, top-5
+    total = 0
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        logits = model(images)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        hits += torch.stack([top[:, 0].sum(), top.any(dim=1).sum()])
+        total += labels.shape[0]
+    counts = torch.cat([hits, torch.tensor([total], device=device)])
+    top1_hits, top5_hits, total = distributed.all_reduce(counts).tolist()
+    if total == 0:
+        raise UserError("the test set is empty")
+    return 100.0 * top1_hits / total, 100.0 * top5_hits / total
+
+
+def _rebuild(record: dict, file: str) -> nn.Module:
+    options = record["options"]
+    if "network" not in options:
+        raise RunFileError(f"{file!r}: the saved options name no network; cannot rebuild the student")
+    # The float architecture comes from the registry: random initialisation, nothing downloaded.
+    float_model = get_model_spec(options["network"]).build()
+    try:
+        return rebuild_student(float_model, options, record["student"])
+    except ValueError as error:
+        raise RunFileError(f"{file!r} ({options['network']}): {error}") from None
+
+
+def load_quantized_model(path: str, map_location="cpu") -> nn.Module:
+    """Rebuild the quantized student saved at ``path`` (a ``.pt`` file or a run directory), in eval mode.
+
+    A run directory gives its last student (``checkpoint.pt``); pass ``best_student.pt`` for the best.
+    The architecture, bit-widths and quantizer modes come from the options saved in the file; the model's
+    tensors are on ``map_location``.
+    """
+    file = find_student_file(path)
+    return _rebuild(load_run_file(file, map_location), file)
+
+
+def _saved_options(saved: dict, data_path: str | None, overrides: typing.Iterable[str]):
+    values = dict(saved)
     for text in overrides:
         key, value = parse_override(text)
         if key in FIXED_KEYS:
@@ -49,31 +98,24 @@ def evaluate_saved(path: str, data_path: str | None = None, overrides: typing.It
     Returns student_top1/5, the accuracy recorded in the file (``recorded_top1``), the model keys, the
     file's ``epoch`` field as written (``checkpoint.pt``: epochs finished), the checkpoint path and seed.
     """
-    try:
-        file, checkpoint = read_student_checkpoint(path)
-        student = rebuild_student(checkpoint)
-    except CheckpointError as error:
-        raise UserError(str(error)) from None
-    options = _saved_options(checkpoint, data_path, overrides)
+    file = find_student_file(path)
+    record = load_run_file(file)
+    student = _rebuild(record, file)
+    options = _saved_options(record["options"], data_path, overrides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loader = build_test_loader(options)
     # The default layout, as the trainer evaluates: the run's own accuracy is repeated bit for bit.
     top1, top5 = evaluate(student.to(device), loader, device)
     # checkpoint.pt records its last evaluation as last_top1, best_student.pt its own as top1.
-    recorded = checkpoint.get("last_top1", checkpoint.get("top1"))
+    recorded = record.get("last_top1", record.get("top1"))
     summary = {
         "student_top1": top1,
         "student_top5": top5,
         "recorded_top1": recorded,
-        "network": options.network,
-        "dataset": options.dataset,
-        "qw": options.qw,
-        "qa": options.qa,
-        "act_mode": options.act_mode,
-        "weight_granularity": options.weight_granularity,
-        "epoch": checkpoint.get("epoch"),
+        **{key: getattr(options, key) for key in ("network", "dataset") + STUDENT_KEYS},
+        "epoch": record.get("epoch"),
         "checkpoint": os.path.abspath(file),
-        "seed": checkpoint.get("meta", {}).get("seed"),
+        "seed": record.get("meta", {}).get("seed"),
         "dataPath": options.dataPath,
         "device": str(device),
     }

@@ -26,7 +26,10 @@ from .data import build_test_loader
 from .errors import UserError
 from .evaluate import evaluate_saved
 from .models import build_teacher
-from .trainer import CHECKPOINT, RunInterrupted, Trainer
+from .plots import plot_run
+from .run_files import RunFileError, find_checkpoint, load_run_file
+from .stopping import RunInterrupted
+from .trainer import Trainer
 
 __all__ = ["Run", "build_parser", "main", "make_run_dir", "run", "setup"]
 
@@ -85,14 +88,10 @@ def _add_file_log(run_dir: str) -> logging.Handler:
 
 
 def _load_checkpoint(run_dir: str) -> dict:
-    path = os.path.join(run_dir, CHECKPOINT)
-    if not os.path.isfile(path):
-        raise UserError(f"--resume {run_dir!r}: no {CHECKPOINT} there; give the directory of a run that "
-                        f"finished at least one epoch or was interrupted")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # damaged or foreign file
-        raise UserError(f"--resume {run_dir!r}: {CHECKPOINT} cannot be read ({error})") from None
+        return load_run_file(find_checkpoint(run_dir), require=("generator", "rng", "meta"))
+    except RunFileError as error:
+        raise UserError(f"--resume: {error}") from None
 
 
 def _resume_options(args, checkpoint: dict):
@@ -168,11 +167,12 @@ def setup(args) -> Run:
 
 
 def run(args) -> dict:
-    """Set up, train and write summary.json; return the summary."""
+    """Set up, train, draw the plots and write summary.json; return the summary."""
     prepared = setup(args)
     try:
         summary = prepared.trainer.fit()
         if distributed.rank() == 0:
+            plot_run(prepared.run_dir)
             with open(os.path.join(prepared.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         return summary

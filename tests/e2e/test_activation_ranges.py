@@ -92,7 +92,7 @@ def test_tool_on_real_images(tmp_path, cifar_folder):
 
 def test_tool_on_a_runs_generator(tmp_path):
     options = load_options(CIFAR10A_CONF, ["teacher_weights=random"])
-    checkpoint = {"options": options.to_dict(), "meta": {"teacher_weights": "random"},
+    checkpoint = {"options": options.to_dict(), "meta": {"teacher_weights": "random"}, "student": {},
                   "generator": build_generator(options).state_dict()}
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     tool = _tool()
@@ -107,6 +107,6 @@ def test_tool_errors(tmp_path, capsys):
     assert tool.main(["--conf_path", CIFAR10A_CONF, "--source", "generator"]) == 2
     assert "--source generator needs --run" in capsys.readouterr().err
     assert tool.main(["--run", str(tmp_path)]) == 2
-    assert "no checkpoint.pt there" in capsys.readouterr().err
+    assert "holds no checkpoint.pt" in capsys.readouterr().err
     assert tool.main(["--conf_path", CIFAR10A_CONF, "--bits", "9"]) == 2
     assert "bits must be an integer from 2 to 8" in capsys.readouterr().err

@@ -75,4 +75,4 @@ def test_checkpoint_of_another_model(tmp_path, cifar_folder, capsys):
 
 def test_resume_of_a_directory_without_checkpoint(tmp_path, capsys):
     code, _ = run_main(["--resume", str(tmp_path)])
-    assert code == 2 and "no checkpoint.pt there" in capsys.readouterr().err
+    assert code == 2 and "holds no checkpoint.pt" in capsys.readouterr().err

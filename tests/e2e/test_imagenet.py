@@ -4,7 +4,6 @@ import json
 import logging
 import os
 import subprocess
-import types
 import zipfile
 
 import numpy as np
@@ -20,7 +19,6 @@ from utils.config import load_options
 from utils.data import build_test_loader
 from utils.errors import UserError
 from utils.models import get_model_spec
-from utils.trainer import Trainer
 
 from ..conftest import ROOT, last_json, make_image_folder, run_main
 
@@ -82,8 +80,7 @@ def test_configs_hold_the_official_values(name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_evaluation_starts_where_the_official_code_starts(name):
     o = load_options(conf(name))
-    trainer = types.SimpleNamespace(options=o)
-    evaluated = [epoch for epoch in range(o.nEpochs) if Trainer._should_evaluate(trainer, epoch)]
+    evaluated = [epoch for epoch in range(o.nEpochs) if o.evaluates_after(epoch)]
     # The official code evaluates when epoch > warmup_epochs - 2 (0-based epochs).
     assert evaluated == [epoch for epoch in range(o.nEpochs) if epoch > o.warmup_epochs - 2]
 

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+import utils.run_files as run_files
 import utils.trainer as trainer_module
 
 from ..conftest import ROOT, last_json, run_main, tiny_run_args
@@ -66,6 +67,38 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cifar_folder
     assert "SIGTERM received" in log and "resumed at epoch" in log
 
 
+def test_mid_epoch_stop_then_resume_is_bit_identical(tmp_path, cifar_folder, monkeypatch):
+    """A stop requested in-process at iteration 2 of epoch 2 (no signal, no race), then --resume."""
+    code, lines = run_main(resumable_args(tmp_path / "straight", cifar_folder))
+    assert code == 0
+    straight = torch.load(os.path.join(last_json(lines)["run_dir"], "checkpoint.pt"), weights_only=False)
+
+    real_step, calls = trainer_module.Trainer.step, []
+
+    def step_then_stop(self, *args, **kwargs):
+        values = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5 + 2:  # 5 iterations per epoch: iteration 2 of epoch 2
+            self.stop.request(signal.SIGTERM)
+        return values
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step_then_stop)
+    code, lines = run_main(resumable_args(tmp_path / "stopped", cifar_folder))
+    monkeypatch.undo()
+    assert code == 128 + signal.SIGTERM and lines == []
+    (run_dir,) = [os.path.join(tmp_path, "stopped", d) for d in os.listdir(tmp_path / "stopped")]
+    stopped = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert (stopped["epoch"], stopped["iteration"]) == (1, 2)
+
+    code, lines = run_main(["--resume", run_dir])
+    assert code == 0
+    resumed = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    for network in ("student", "generator"):
+        assert resumed[network].keys() == straight[network].keys()
+        for key, value in straight[network].items():
+            assert torch.equal(resumed[network][key], value), (network, key)
+
+
 def test_same_id_gives_the_same_summary(tmp_path, cifar_folder):
     first = last_json(run_main(tiny_run_args(tmp_path / "a", cifar_folder, "--set", "nEpochs=2"))[1])
     second = last_json(run_main(tiny_run_args(tmp_path / "b", cifar_folder, "--set", "nEpochs=2"))[1])
@@ -106,7 +139,7 @@ def test_non_finite_loss_stops_with_its_name_and_keeps_the_checkpoint(tmp_path, 
 
 def test_atomic_save_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    trainer_module.atomic_save({"epoch": 1}, str(path))
+    run_files.atomic_save({"epoch": 1}, str(path))
 
     def crash(obj, f):
         with open(f, "wb") as handle:
@@ -115,6 +148,6 @@ def test_atomic_save_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        trainer_module.atomic_save({"epoch": 2}, str(path))
+        run_files.atomic_save({"epoch": 2}, str(path))
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"epoch": 1}

@@ -9,7 +9,8 @@ from quantization_utils import QuantAct
 from utils.config import load_options
 from utils.data import build_test_loader
 from utils.models import build_teacher
-from utils.trainer import Trainer, learning_rate
+from utils.schedules import learning_rate
+from utils.trainer import Trainer
 
 from ..conftest import (
     CIFAR10_CONF,
@@ -100,7 +101,7 @@ class CountingLoader:
 
 def test_training_never_reads_real_data(small_trainer):
     trainer, loader = small_trainer("nEpochs=2", "warmup_epochs=0")
-    trainer._train_epoch(0)
+    trainer.train_epoch(0)
     assert loader.passes == 0
     trainer.fit()
     assert loader.passes == 1 + 2  # the teacher once, the student after each epoch
@@ -110,10 +111,10 @@ def test_warmup_trains_only_the_generator(small_trainer):
     trainer, _ = small_trainer("nEpochs=2", "warmup_epochs=1")
     student0 = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     generator0 = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
-    trainer._train_epoch(0)
+    trainer.train_epoch(0)
     assert all(torch.equal(v, student0[k]) for k, v in trainer.student.state_dict().items())
     assert any(not torch.equal(v, generator0[k]) for k, v in trainer.generator.state_dict().items())
-    trainer._train_epoch(1)
+    trainer.train_epoch(1)
     assert any(not torch.equal(v, student0[k]) for k, v in trainer.student.state_dict().items())
     # the student stays in eval mode: BatchNorm statistics are never updated
     assert not trainer.student.training
@@ -126,17 +127,17 @@ def test_student_loss_uses_the_configured_temperature(small_trainer, monkeypatch
     monkeypatch.setattr(trainer_module, "kd_loss", lambda t, s, temperature: seen.append(temperature) or real(
         t, s, temperature))
     trainer, _ = small_trainer("temperature=7.5", "warmup_epochs=0")
-    trainer._train_epoch(0)
+    trainer.train_epoch(0)
     assert seen == [7.5] * 3
 
 
 def test_layerwise_ranges_tracked_then_frozen(small_trainer):
     trainer, _ = small_trainer("act_mode=layerwise", "act_range_epochs=1", "nEpochs=2", "warmup_epochs=0")
     act = next(m for m in trainer.student.modules() if isinstance(m, QuantAct))
-    trainer._train_epoch(0)
+    trainer.train_epoch(0)
     after_first = act.x_max.clone()
     assert after_first > 0
-    trainer._train_epoch(1)
+    trainer.train_epoch(1)
     assert torch.equal(act.x_max, after_first)
 
 
@@ -171,11 +172,11 @@ def test_training_step_never_synchronizes_the_device(tmp_path):
     teacher, _ = build_teacher(options.network, "random")
     trainer = Trainer(options, teacher, None, torch.device("cuda"), str(tmp_path), {"id": 0, "seed": 1})
     for _ in range(2):  # compilation and its one-time check against eager happen here
-        trainer._step(train_student=True)
+        trainer.step(train_student=True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):
-            trainer._step(train_student=True)
+            trainer.step(train_student=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -19,6 +19,7 @@ from quantization_utils import (
     QuantAct,
     QuantConv2d,
     QuantLinear,
+    WeightQuant,
     granq_fake_quant,
     granq_function,
     quantize_model,
@@ -199,7 +200,7 @@ def test_quantize_model_wires_granq_impl():
     with pytest.raises(ValueError, match="granq_impl must be one of"):
         QuantAct(4, granq_impl="fast")
     with pytest.raises(ValueError, match="granq_impl must be one of"):
-        QuantLinear(3, 2, granq_impl="fast")
+        QuantLinear(3, 2, quant=WeightQuant(3, impl="fast"))
 
 
 def test_compiled_student_equals_eager_student(compiled_granq):
@@ -218,7 +219,7 @@ def test_copies_and_pickles_share_the_compiled_function():
     act = QuantAct(3, granq_impl="auto")
     assert copy.deepcopy(act).granq_fn is act.granq_fn
     assert pickle.loads(pickle.dumps(act)).granq_fn is act.granq_fn
-    conv = QuantConv2d(3, 4, 3, granq_impl="auto")
+    conv = QuantConv2d(3, 4, 3, quant=WeightQuant(8, impl="auto"))
     assert copy.deepcopy(conv).weight_fn == conv.weight_fn
     assert pickle.loads(pickle.dumps(conv)).weight_fn == conv.weight_fn
 
@@ -269,7 +270,7 @@ def test_training_is_the_same_with_the_fast_path(compiled_granq, tmp_path):
     for impl in ("compiled", "eager"):
         trainer = make_trainer(impl, tmp_path)
         torch.manual_seed(1)
-        record = trainer._train_epoch(0)
+        record = trainer.train_epoch(0)
         results[impl] = (record, trainer.student.state_dict(), trainer.generator.state_dict())
     (record_c, student_c, generator_c), (record_e, student_e, generator_e) = results["compiled"], results["eager"]
     assert {k: v for k, v in record_c.items() if k != "train_seconds"} == \

@@ -7,6 +7,7 @@ from quantization_utils import (
     QuantAct,
     QuantConv2d,
     QuantLinear,
+    WeightQuant,
     count_modules,
     granq_fake_quant,
     layerwise_fake_quant,
@@ -20,7 +21,7 @@ from utils.models import get_model_spec
 @pytest.mark.parametrize("granularity", ["kernel", "channel"])
 def test_quant_conv_from_float(granularity):
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=True)
-    qconv = QuantConv2d.from_float(conv, 3, granularity)
+    qconv = QuantConv2d.from_float(conv, WeightQuant(3, granularity))
     assert isinstance(qconv, nn.Conv2d)
     assert qconv.state_dict().keys() == conv.state_dict().keys()
     assert torch.equal(qconv.weight, conv.weight) and qconv.weight is not conv.weight
@@ -32,7 +33,7 @@ def test_quant_conv_from_float(granularity):
 
 def test_quant_linear_from_float_and_gradient():
     linear = nn.Linear(5, 3)
-    qlinear = QuantLinear.from_float(linear, 4)
+    qlinear = QuantLinear.from_float(linear, WeightQuant(4))
     x = torch.randn(2, 5)
     assert torch.equal(qlinear(x), F.linear(x, weight_fake_quant(linear.weight, 4), linear.bias))
     qlinear(x).sum().backward()

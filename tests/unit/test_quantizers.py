@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from quantization_utils import (
+    QuantAct,
     channel_loop_fake_quant,
     granq_fake_quant,
     layerwise_fake_quant,
@@ -146,3 +147,25 @@ def test_bad_shapes_and_granularity_raise():
         granq_fake_quant(torch.randn(2, 3, 4), 4)
     with pytest.raises(ValueError, match="granularity"):
         weight_fake_quant(torch.randn(2, 3), 4, "tensor")
+
+
+def test_each_sample_has_its_own_channel_range():
+    # N = 2, C = 2, 2 bits. Channel 0 spans [0, 3] in sample 0 but [0, 6] in sample 1.
+    x = torch.tensor([
+        [[[0.0, 1.0, 2.0, 3.0]], [[0.0, 0.4, 1.2, 3.0]]],
+        [[[0.0, 2.0, 4.0, 6.0]], [[-1.0, 0.0, 0.5, 2.0]]],
+    ])
+    # By hand, each (sample, channel) row on its own grid of 4 levels:
+    # [0, 3]: step 1, exact; [0, 3]: 0.4 -> 0, 1.2 -> 1; [0, 6]: step 2, exact;
+    # [-1, 2]: zero point 1, 0.5 - 1 = -0.5 rounds half to even -> 0 -> 1.0.
+    expected = torch.tensor([
+        [[[0.0, 1.0, 2.0, 3.0]], [[0.0, 0.0, 1.0, 3.0]]],
+        [[[0.0, 2.0, 4.0, 6.0]], [[-1.0, 0.0, 1.0, 2.0]]],
+    ])
+    assert torch.equal(granq_fake_quant(x, 2), expected)
+    assert torch.equal(QuantAct(2, "granq", granq_impl="eager")(x), expected)
+    # One range per channel over the batch gives other values: channel 0 of sample 0 on the grid of [0, 6].
+    lo, hi = x.amin(dim=(0, 2, 3), keepdim=True), x.amax(dim=(0, 2, 3), keepdim=True)
+    per_channel = torch.from_numpy(reference_fake_quant(x.numpy(), lo.numpy(), hi.numpy(), 2))
+    assert per_channel[0, 0].tolist() == [[0.0, 0.0, 2.0, 4.0]]
+    assert not torch.equal(per_channel, expected)

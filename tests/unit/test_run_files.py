@@ -3,17 +3,12 @@ import os
 import pytest
 import torch
 
-from quantization_utils import (
-    CheckpointError,
-    QuantAct,
-    QuantConv2d,
-    load_quantized_model,
-    resolve_student_checkpoint,
-    set_act_tracking,
-)
+from quantization_utils import QuantAct, QuantConv2d, set_act_tracking
 from utils.config import load_options
+from utils.evaluate import load_quantized_model
 from utils.models import build_teacher
-from utils.trainer import BEST_STUDENT, CHECKPOINT, Trainer
+from utils.run_files import BEST_STUDENT, CHECKPOINT, RunFileError, find_student_file
+from utils.trainer import Trainer
 
 from ..conftest import CIFAR10_CONF, CIFAR10A_CONF
 
@@ -23,7 +18,7 @@ def _trained_trainer(run_dir, conf, *sets):
     torch.manual_seed(0)
     teacher, _ = build_teacher(options.network, "random")
     trainer = Trainer(options, teacher, None, torch.device("cpu"), str(run_dir), {"id": 0, "seed": 1})
-    trainer._train_epoch(0)  # moves the student's weights and, in layer-wise mode, its ranges
+    trainer.train_epoch(0)  # moves the student's weights and, in layer-wise mode, its ranges
     trainer.epoch = 1
     return trainer
 
@@ -62,22 +57,22 @@ def test_layerwise_ranges_come_from_the_file(tmp_path):
 
 def test_run_directory_resolves_to_the_last_student(tmp_path):
     open(tmp_path / BEST_STUDENT, "w").close()
-    assert resolve_student_checkpoint(str(tmp_path)) == os.path.join(tmp_path, BEST_STUDENT)
+    assert find_student_file(str(tmp_path)) == os.path.join(tmp_path, BEST_STUDENT)
     open(tmp_path / CHECKPOINT, "w").close()
-    assert resolve_student_checkpoint(str(tmp_path)) == os.path.join(tmp_path, CHECKPOINT)
-    assert resolve_student_checkpoint(str(tmp_path / BEST_STUDENT)) == str(tmp_path / BEST_STUDENT)
+    assert find_student_file(str(tmp_path)) == os.path.join(tmp_path, CHECKPOINT)
+    assert find_student_file(str(tmp_path / BEST_STUDENT)) == str(tmp_path / BEST_STUDENT)
 
 
 def test_unusable_paths_and_files_are_named(tmp_path):
-    with pytest.raises(CheckpointError, match="holds neither checkpoint.pt nor best_student.pt"):
+    with pytest.raises(RunFileError, match="holds neither checkpoint.pt nor best_student.pt"):
         load_quantized_model(str(tmp_path))
-    with pytest.raises(CheckpointError, match="neither a checkpoint file nor a run directory"):
+    with pytest.raises(RunFileError, match="neither a checkpoint file nor a run directory"):
         load_quantized_model(str(tmp_path / "missing"))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(RunFileError, match="cannot be read"):
         load_quantized_model(str(tmp_path / "junk.pt"))
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match="not a student checkpoint"):
+    with pytest.raises(RunFileError, match="not a student checkpoint"):
         load_quantized_model(str(tmp_path / "foreign.pt"))
 
 
@@ -86,10 +81,10 @@ def test_mismatched_bits_or_architecture_are_reported(tmp_path):
     state = trainer.state_dict()
     state["options"] = {**state["options"], "act_mode": "granq"}  # drops the layer-wise range buffers
     torch.save(state, tmp_path / "edited.pt")
-    with pytest.raises(CheckpointError, match="does not fit resnet20_cifar10 quantized with qw=3, qa=3, "
-                                              "act_mode=granq"):
+    with pytest.raises(RunFileError, match=r"\(resnet20_cifar10\): the saved student does not fit the "
+                                              "float model quantized with qw=3, qa=3, act_mode=granq"):
         load_quantized_model(str(tmp_path / "edited.pt"))
     del state["options"]["qa"]
     torch.save(state, tmp_path / "no_bits.pt")
-    with pytest.raises(CheckpointError, match="lack qa"):
+    with pytest.raises(RunFileError, match="lack qa"):
         load_quantized_model(str(tmp_path / "no_bits.pt"))

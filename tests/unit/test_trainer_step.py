@@ -1,0 +1,106 @@
+"""What one training step computes and where its gradients go, checked against the official definitions."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from utils.config import load_options
+from utils.models import build_teacher
+from utils.trainer import LOSS_NAMES, Trainer
+
+from ..conftest import CIFAR10_CONF
+
+
+def make_trainer(tmp_path, *sets, seed=0):
+    options = load_options(CIFAR10_CONF, ["batchSize=6", "iters_per_epoch=2", "warmup_epochs=0", "granq_impl=eager",
+                                          *sets])
+    torch.manual_seed(seed)
+    teacher, _ = build_teacher(options.network, "random")
+    return Trainer(options, teacher, None, torch.device("cpu"), str(tmp_path), {"id": 0, "seed": 1})
+
+
+def hand_entropy(logits):
+    p = torch.exp(logits) / torch.exp(logits).sum(dim=1, keepdim=True)
+    return -(p * torch.log(p)).sum(dim=1)
+
+
+def hand_cross_entropy(logits, labels):
+    log_p = logits - torch.log(torch.exp(logits).sum(dim=1, keepdim=True))
+    return -log_p[torch.arange(len(labels)), labels].mean()
+
+
+class StepRecorder:
+    """Records the logits, labels and teacher BatchNorm inputs of the next step."""
+
+    def __init__(self, trainer):
+        self.bn_inputs = []
+        self.handles = [trainer.teacher.register_forward_hook(lambda m, i, o: setattr(self, "teacher", o.detach())),
+                        trainer.student.register_forward_hook(lambda m, i, o: setattr(self, "student", o.detach()))]
+        self.handles += [m.register_forward_hook(lambda m, i, o: self.bn_inputs.append((m, i[0].detach())))
+                         for m in trainer.teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        sample = trainer.sample_noise
+
+        def recording_sample():
+            z, labels = sample()
+            self.labels = labels
+            return z, labels
+
+        trainer.sample_noise = recording_sample
+
+
+def test_recorded_losses_follow_the_official_definitions(tmp_path):
+    sets = ("beta=0.7", "gamma=1.3", "lambda_l=0.2", "lambda_u=0.6", "alpha_ds=0.3", "alpha_as=0.15",
+            "temperature=4")
+    trainer = make_trainer(tmp_path, *sets)
+    o = trainer.options
+    seen = StepRecorder(trainer)
+    values = dict(zip(LOSS_NAMES, trainer.step(train_student=True).tolist()))
+    t, s, y = seen.teacher.double(), seen.student.double(), seen.labels
+
+    h = hand_entropy(t - s)
+    h_norm = (h - h.min()) / (math.log(o.nClasses) - h.min())
+    marginal = (torch.clamp(o.lambda_l - h_norm, min=0).mean() + torch.clamp(h_norm - o.lambda_u, min=0).mean())
+    onehot = o.alpha_ds * hand_cross_entropy(t - s, y) + o.alpha_as * hand_cross_entropy(t + s, y)
+    bn_layers = [(m, x.double()) for m, x in seen.bn_inputs]
+    bns = sum(((x.mean(dim=(0, 2, 3)) - m.running_mean.double()) ** 2).mean()
+              + ((x.var(dim=(0, 2, 3), unbiased=False) - m.running_var.double()) ** 2).mean()
+              for m, x in bn_layers) / len(bn_layers)
+    loss_S = -o.temperature ** 2 * hand_entropy((t - s) / o.temperature).mean()
+
+    assert len(bn_layers) == 21  # 19 after convolutions, 2 in the projection shortcuts
+    assert values["marginal"] == pytest.approx(marginal.item(), rel=1e-5, abs=1e-6)
+    assert values["onehot"] == pytest.approx(onehot.item(), rel=1e-5)
+    assert values["bns"] == pytest.approx(bns.item(), rel=1e-4)
+    assert values["loss_G"] == pytest.approx((marginal + o.beta * onehot + o.gamma * bns).item(), rel=1e-4)
+    assert values["loss_S"] == pytest.approx(loss_S.item(), rel=1e-5)
+    assert values["teacher_acc"] == (t.argmax(1) == y).double().mean().item()
+    # The hand-computed marginal term is not degenerate: swapping the bounds would change it.
+    swapped = torch.clamp(o.lambda_u - h_norm, min=0).mean() + torch.clamp(h_norm - o.lambda_l, min=0).mean()
+    assert swapped.item() != pytest.approx(marginal.item(), rel=1e-3)
+
+
+def test_student_loss_reaches_no_generator_parameter(tmp_path):
+    trained = make_trainer(tmp_path / "a")
+    reference = make_trainer(tmp_path / "b")
+    # The reference: the same step with the student frozen, so only loss_G can produce gradients.
+    reference.student.requires_grad_(False)
+    generator0 = {k: v.clone() for k, v in trained.generator.state_dict().items()}
+    student0 = {k: v.clone() for k, v in trained.student.state_dict().items()}
+    for trainer, train_student in ((trained, True), (reference, False)):
+        torch.manual_seed(5)  # the same noise and labels
+        trainer.step(train_student=train_student)
+    for (name, param), ref in zip(trained.generator.named_parameters(), reference.generator.parameters()):
+        assert torch.equal(param.grad, ref.grad), name
+        assert torch.equal(param, ref), name
+    assert any(not torch.equal(v, generator0[k]) for k, v in trained.generator.state_dict().items())
+    assert any(not torch.equal(v, student0[k]) for k, v in trained.student.state_dict().items())
+
+
+def test_no_student_parameter_moves_during_warm_up(tmp_path):
+    trainer = make_trainer(tmp_path, "warmup_epochs=1", "nEpochs=2")
+    student0 = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    trainer.train_epoch(0)
+    assert all(torch.equal(v, student0[k]) for k, v in trainer.student.state_dict().items())
+    assert all(p.grad is None for p in trainer.student.parameters())

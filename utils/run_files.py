@@ -1,0 +1,114 @@
+"""The files a run writes that hold tensors: their names, layout, format version, saving and loading.
+
+A run directory holds ``checkpoint.pt`` (everything needed to resume, after every epoch and on
+interruption) and ``best_student.pt`` (the student with the best top-1 so far). Both are dicts with
+``format``, ``options`` (the resolved config as a dict), ``meta`` (id, seed, teacher weights source, ...)
+and ``student`` (its state dict); ``checkpoint.pt`` adds the generator, both optimizers, the position in
+training, the metrics so far and every rank's random states.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+__all__ = ["BEST_STUDENT", "CHECKPOINT", "FORMAT", "RunFileError", "atomic_save", "capture_rng", "find_checkpoint",
+           "find_student_file", "load_run_file", "restore_rng", "student_record"]
+
+CHECKPOINT = "checkpoint.pt"
+BEST_STUDENT = "best_student.pt"
+FORMAT = 1  # bump when the layout changes in a way older code cannot read
+SUPPORTED_FORMATS = (1,)
+
+
+class RunFileError(UserError):
+    """A file or directory that does not hold what this code can read."""
+
+
+def student_record(options: dict, meta: dict, student_state: dict, **fields) -> dict:
+    """The common layout of both files: format, options, meta and the student, plus ``fields``."""
+    return {"format": FORMAT, "options": options, "meta": meta, "student": student_state, **fields}
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a broken file at ``path``."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def capture_rng() -> dict:
+    """This process's random states (torch, CUDA, Python, NumPy)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Undo everything drawn since :func:`capture_rng` returned ``state``."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        saved, visible = len(state["cuda"]), torch.cuda.device_count()
+        if saved > visible:
+            raise RunFileError(f"the checkpoint holds the random states of {saved} GPU(s) but {visible} are visible; "
+                               f"resume with as many GPUs as the run was written with")
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_checkpoint(run_dir: str) -> str:
+    """``run_dir``'s ``checkpoint.pt``; a clear error when there is none."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise RunFileError(f"{run_dir!r} holds no {CHECKPOINT}; give the directory of a run that finished at least "
+                           f"one epoch or was interrupted")
+    return path
+
+
+def find_student_file(path: str) -> str:
+    """The file to load for ``path``: the file itself, or in a run directory its ``checkpoint.pt``.
+
+    A run directory resolves to ``checkpoint.pt``, the student after the last finished epoch, whose
+    accuracy is the run's recorded ``student_top1``; give ``best_student.pt`` explicitly for the best one.
+    Runs without training (``nEpochs = 0``) write only ``best_student.pt``, which is then their last student.
+    """
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise RunFileError(f"{path!r} is neither a checkpoint file nor a run directory")
+    for name in (CHECKPOINT, BEST_STUDENT):
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise RunFileError(f"run directory {path!r} holds neither {CHECKPOINT} nor {BEST_STUDENT}; "
+                       f"the run has not finished an epoch")
+
+
+def load_run_file(path: str, map_location="cpu", require=("options", "student")) -> dict:
+    """Load a run file (``path``: a file, or a run directory as :func:`find_student_file` resolves it).
+
+    The file is unpickled (``weights_only=False``): its options, metadata and random states are plain
+    Python objects. Only load files you trust. ``require`` names the keys the caller needs.
+    """
+    file = find_student_file(path)
+    try:
+        record = torch.load(file, map_location=map_location, weights_only=False)
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        raise RunFileError(f"{file!r} cannot be read as a PyTorch checkpoint ({error})") from None
+    if not isinstance(record, dict) or not {"options", "student"} <= record.keys():
+        raise RunFileError(f"{file!r} is not a student checkpoint of this project (no 'options' and 'student')")
+    if record.get("format", 1) not in SUPPORTED_FORMATS:
+        raise RunFileError(f"{file!r} has checkpoint format {record['format']!r}; this code reads "
+                           f"format {', '.join(map(str, SUPPORTED_FORMATS))}")
+    missing = [key for key in require if key not in record]
+    if missing:
+        raise RunFileError(f"{file!r} holds no {', '.join(missing)} ({BEST_STUDENT} holds only the student; "
+                           f"use {CHECKPOINT})")
+    return record
