@@ -16,7 +16,7 @@ from quantization_utils.functional import MAX_BITS, MIN_BITS, WEIGHT_GRANULARITI
 
 from .errors import ConfigError
 from .models import get_model_spec, model_names
-from .schedules import LR_POLICIES
+from .optim import LR_POLICIES
 
 __all__ = ["DATASET_CLASSES", "GENERATORS", "LEGACY_KEYS", "Options", "load_options", "parse_override"]
 

@@ -5,9 +5,10 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["all_gather_objects", "all_reduce", "broadcast_object", "init_from_env", "is_distributed", "rank",
-           "replica_checksums", "shutdown", "world_size"]
+           "replica_checksums", "shutdown", "world_size", "wrap"]
 
 
 def is_distributed() -> bool:
@@ -78,3 +79,11 @@ def replica_checksums(module: torch.nn.Module) -> list[str]:
     if len(set(checksums)) > 1:
         raise RuntimeError(f"the students of the {world_size()} processes diverged: {checksums}")
     return checksums
+
+
+def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel under torchrun (which also gives every rank rank 0's initial
+    weights), else ``module`` itself."""
+    if not is_distributed():
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)

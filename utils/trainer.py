@@ -13,7 +13,6 @@ import time
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 
 from quantization_utils import QuantAct, quantize_model, set_act_tracking
 
@@ -23,9 +22,9 @@ from .evaluate import evaluate
 from .generator import build_generator
 from .losses import BNStatistics, check_finite, kd_loss, marginal_loss, onehot_loss
 from .metrics_writer import MetricsWriter
+from .optim import build_optimizers, learning_rate
 from .progress import Progress, log_epoch
 from .run_files import BEST_STUDENT, CHECKPOINT, atomic_save, capture_rng, restore_rng, student_record
-from .schedules import learning_rate
 from .stopping import RunInterrupted, StopRequest
 
 __all__ = ["LOSS_NAMES", "Trainer"]
@@ -60,20 +59,10 @@ class Trainer:
         self.student_params = list(self.student.parameters())
         self.generator_params = list(self.generator.parameters())
         self.is_main = distributed.rank() == 0
-        # Under torchrun both networks are wrapped in DDP (which also makes rank 0's initial weights
-        # everyone's); checkpoints always hold the unwrapped modules.
-        self.student_forward, self.generator_forward = self.student, self.generator
-        if distributed.is_distributed():
-            device_ids = [device.index] if device.type == "cuda" else None
-            self.student_forward = DistributedDataParallel(self.student, device_ids=device_ids)
-            self.generator_forward = DistributedDataParallel(self.generator, device_ids=device_ids)
-        o = options
-        if o.opt_type == "Adam":
-            self.opt_S = torch.optim.Adam(self.student_params, lr=o.lr_S, weight_decay=o.weightDecay)
-        else:
-            self.opt_S = torch.optim.SGD(self.student_params, lr=o.lr_S, momentum=o.momentum,
-                                         weight_decay=o.weightDecay, nesterov=True)
-        self.opt_G = torch.optim.Adam(self.generator_params, lr=o.lr_G, betas=(o.b1, o.b2))
+        # Forward through DDP under torchrun; checkpoints always hold the unwrapped modules.
+        self.student_forward = distributed.wrap(self.student, device)
+        self.generator_forward = distributed.wrap(self.generator, device)
+        self.opt_S, self.opt_G = build_optimizers(options, self.student_params, self.generator_params)
         self.bn_stats = BNStatistics(self.teacher)
         self.epoch = self.iteration = 0  # the next epoch to run, and the next iteration within it
         self.history = None  # per-iteration losses of the current epoch, on the device
@@ -83,7 +72,7 @@ class Trainer:
         self.elapsed = 0.0
         self.stop = StopRequest()
         # Rank 0 writes metrics.jsonl (and TensorBoard scalars); a missing tensorboard fails here, early.
-        self.metrics_writer = MetricsWriter(run_dir, o.tensorboard) if self.is_main else None
+        self.metrics_writer = MetricsWriter(run_dir, options.tensorboard) if self.is_main else None
 
     def build_student(self, teacher: nn.Module) -> nn.Module:
         """The fake-quantized copy of the teacher that training distils into (benchmarks override it)."""

@@ -9,7 +9,7 @@ from quantization_utils import QuantAct
 from utils.config import load_options
 from utils.data import build_test_loader
 from utils.models import build_teacher
-from utils.schedules import learning_rate
+from utils.optim import learning_rate
 from utils.trainer import Trainer
 
 from ..conftest import (
