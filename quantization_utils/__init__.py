@@ -17,7 +17,7 @@ from .functional import (
     quant_params,
     weight_fake_quant,
 )
-from .fused import GRANQ_IMPLS, CompiledGranQ, granq_function, weight_function
+from .fused import GRANQ_IMPLS, CompiledGranQ, granq_function, granq_path, weight_function
 from .modules import ACT_MODES, QuantAct, QuantConv2d, QuantLinear
 from .quantize import count_modules, quantize_model, set_act_tracking
 
@@ -36,6 +36,7 @@ __all__ = [
     "fake_quantize",
     "granq_fake_quant",
     "granq_function",
+    "granq_path",
     "layerwise_fake_quant",
     "load_quantized_model",
     "quant_params",
