@@ -23,14 +23,15 @@ becomes dynamic too; sizes of 1 are specialised, so rows of one element go to ea
 
 Equal values, bit for bit. On CUDA, Inductor's Triton code by default divides approximately and fuses
 ``scale * x - zero_point`` into one fused multiply-add, where eager divides with correct rounding and
-rounds the product first; values landing near a rounding boundary of ``round`` then differ by a grid
-step. The compilation therefore asks Inductor for eager's numerics (:data:`EAGER_NUMERICS`, for this
-compilation only). A torch that lacks those options gets the compiled path on the CPU, whose C++ code
-already computes as eager does, and eager elsewhere. And the first call for each (role, rank, grouping,
-layout, bits, dtype, device), the role being ``"activation"``, ``"kernel weight"`` or ``"channel weight"``,
-is checked against the eager formula with ``torch.equal``, on the tensor itself and on a small tensor of
-the same kind whose rows round exact halves (:func:`tie_tensor`): a compiler that changes the arithmetic is
-caught before it can touch training.
+rounds the product before subtracting. Either can change the last bit of ``scale * x - zero_point``; at
+or next to a half, that sends ``round`` to the other neighbour: a grid step. The compilation therefore
+asks Inductor for eager's numerics (:data:`EAGER_NUMERICS`, for this compilation only). A torch that
+lacks those options gets the compiled path on the CPU, whose C++ code already computes as eager does,
+and eager elsewhere. And the first call for each (role, rank, grouping, layout, bits, dtype, device),
+the role being ``"activation"``, ``"kernel weight"`` or ``"channel weight"``, is checked against the
+eager formula with ``torch.equal``, on the tensor itself and on a small tensor of the same kind whose
+rows round exact halves (:func:`tie_tensor`): a compiler that changes the arithmetic is caught before
+it can touch training.
 """
 
 from __future__ import annotations
