@@ -12,7 +12,9 @@ batch 16) it times, forward only (no autograd, as in evaluation) and forward + b
 
 Each figure is the median of repeated samples, warm-up (and compilation) excluded; methods take turns
 within each round so that a busy machine slows all of them alike. The table ends with the ratios of the
-speed targets; ``--json`` writes every figure.
+speed targets; ``--json`` writes every figure. Every row records ``granq_path``: ``"compiled"``, or
+``"eager: <why>"`` where the compiled path failed; then the two "fast" methods are not measured (they
+would be eager under another name) and the targets that need them are not evaluated.
 """
 
 from __future__ import annotations
@@ -96,18 +98,21 @@ class Quantizers:
         self.x_min = torch.zeros((), device=device)
         self.x_max = torch.full((), 3.0, device=device)
         self.granq_fast = CompiledGranQ(strict=True)
-        self.fast_failure = None  # where torch.compile does not work, both "fast" columns measure eager
+        self.fast_failure = None  # where torch.compile does not work, the "fast" methods are left out
         try:
             self.layerwise_compiled = compile_values(layerwise_values)
             probe = torch.rand(2, 3, 4, 4, device=device)
             self.granq_fast(probe, bits)
             self.layerwise_fast(probe)
-        except Exception as error:  # no compiler, no Triton: report it and measure the rest
+        except Exception as error:  # no compiler, no Triton, no eager numerics: report it and measure the rest
             self.fast_failure = f"{type(error).__name__}: {error}".splitlines()[0]
-            self.granq_fast = granq_fake_quant
-            self.layerwise_compiled = layerwise_values
-            print(f"WARNING: torch.compile does not work here ({self.fast_failure}); the 'fast' columns are eager",
-                  file=sys.stderr)
+            print(f"WARNING: the compiled path does not work here ({self.fast_failure}); the 'fast' methods are "
+                  f"not measured", file=sys.stderr)
+
+    @property
+    def granq_path(self) -> str:
+        """``"compiled"`` where the "fast" methods run compiled code, else ``"eager: <why>"``."""
+        return f"eager: {self.fast_failure}" if self.fast_failure else self.granq_fast.path
 
     def _layerwise_values(self, x, bits):
         # Compiled as the GranQ fast path is: every size dynamic, one compilation for all shapes.
@@ -121,7 +126,7 @@ class Quantizers:
 
     def methods(self) -> dict:
         b = self.bits
-        return {
+        methods = {
             "layerwise eager": lambda x: layerwise_fake_quant(x, b, self.x_min, self.x_max),
             "layerwise fast": self.layerwise_fast,
             "granq eager": lambda x: granq_fake_quant(x, b),
@@ -129,6 +134,9 @@ class Quantizers:
             "channel loop": lambda x: channel_loop_fake_quant(x, b),
             "torch per-channel": lambda x: torch_per_channel(x, b),
         }
+        if self.fast_failure:
+            del methods["layerwise fast"], methods["granq fast"]
+        return methods
 
 
 def make_call(fn, x: torch.Tensor, mode: str):
@@ -201,19 +209,23 @@ def run_device(device: torch.device, args) -> list[dict]:
                     x = contiguous.to(memory_format=LAYOUTS[layout])
                     row = {"device": device.type, "layout": layout, "network": network, "batch": batch,
                            "shape": list(full), "channels": shape[0], "bits": args.bits,
-                           "fast_failure": quantizers.fast_failure,
+                           "granq_path": None,
                            "torch_op_mismatch": None, "torch_op_max_diff_steps": None}
                     row["torch_op_mismatch"], row["torch_op_max_diff_steps"] = torch_op_mismatch(x, args.bits)
                     for mode in MODES:
                         calls = {name: make_call(fn, x, mode) for name, fn in quantizers.methods().items()}
                         row[mode] = time_methods(calls, device, args.repeats, args.min_sample_s, args.budget_s)
+                    row["granq_path"] = quantizers.granq_path
                     rows.append(row)
                     print(f"  {network} {list(full)} {layout}: done", file=sys.stderr, flush=True)
     return rows
 
 
-def ratios(row: dict) -> dict:
+def ratios(row: dict) -> dict | None:
+    """The ratios of the speed targets; None where the fast methods were not measured."""
     t = row["fwd+bwd"]
+    if "granq fast" not in t:
+        return None
     return {"granq_fast_over_layerwise_fast": t["granq fast"] / t["layerwise fast"],
             "channel_loop_over_granq_fast": t["channel loop"] / t["granq fast"],
             "granq_eager_over_granq_fast": t["granq eager"] / t["granq fast"]}
@@ -231,15 +243,26 @@ def print_table(rows: list[dict]) -> None:
         print(head)
         for row in rows:
             line = (f"{row['device']:6} {row['layout']:13} {row['network']:16} {'x'.join(map(str, row['shape'])):>19} "
-                    + " ".join(f"{1e3 * row[mode][m]:11.3f}" for m in METHODS))
+                    + " ".join(f"{1e3 * row[mode][m]:11.3f}" if m in row[mode] else f"{'-':>11}" for m in METHODS))
             if mode == "fwd+bwd":
                 r = ratios(row)
-                line += f" {r['granq_fast_over_layerwise_fast']:9.2f} {r['channel_loop_over_granq_fast']:10.1f}"
+                line += (f" {r['granq_fast_over_layerwise_fast']:9.2f} {r['channel_loop_over_granq_fast']:10.1f}"
+                         if r else f" {'-':>9} {'-':>10}")
             print(line)
+    print("\ngranq_path: " + "; ".join(f"{device}: {path}" for device, path in
+                                       dict.fromkeys((row["device"], row["granq_path"]) for row in rows)))
     print("\ntargets (fwd+bwd, one run):")
     for device, layout in dict.fromkeys((row["device"], row["layout"]) for row in rows):
         mine = [row for row in rows if (row["device"], row["layout"]) == (device, layout)]
         device = f"{device} {layout}"
+        mismatch = max(row["torch_op_mismatch"] for row in mine)
+        steps = max(row["torch_op_max_diff_steps"] for row in mine)
+        print(f"  {device}: torch per-channel op differs from GranQ on at most {100 * mismatch:.2f}% of the "
+              f"elements of a shape, by at most {steps:.1e} of a grid step (rounding, not another grid)")
+        eager_rows = [row for row in mine if ratios(row) is None]
+        if eager_rows:
+            print(f"  {device}: targets of the fast path not evaluated: {eager_rows[0]['granq_path']}")
+            continue
         worst = max(ratios(row)["granq_fast_over_layerwise_fast"] for row in mine)
         at64 = [ratios(row)["channel_loop_over_granq_fast"] for row in mine if row["channels"] == 64]
         print(f"  {device}: granq fast / layerwise fast, worst shape: {worst:.2f}x (target <= 1.2: "
@@ -248,10 +271,6 @@ def print_table(rows: list[dict]) -> None:
               f"{'met' if min(at64) >= 10 else 'NOT met'})")
         eager = [ratios(row)["granq_eager_over_granq_fast"] for row in mine]
         print(f"  {device}: granq eager / granq fast: {min(eager):.1f}x to {max(eager):.1f}x")
-        mismatch = max(row["torch_op_mismatch"] for row in mine)
-        steps = max(row["torch_op_max_diff_steps"] for row in mine)
-        print(f"  {device}: torch per-channel op differs from GranQ on at most {100 * mismatch:.2f}% of the "
-              f"elements of a shape, by at most {steps:.1e} of a grid step (rounding, not another grid)")
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ from .functional import (
     quant_params,
     weight_fake_quant,
 )
-from .fused import GRANQ_IMPLS, CompiledGranQ, granq_function, weight_function
+from .fused import GRANQ_IMPLS, CompiledGranQ, granq_function, granq_path, weight_function
 from .modules import ACT_MODES, QuantAct, QuantConv2d, QuantLinear, WeightQuant
 from .quantize import STUDENT_KEYS, count_modules, quantize_model, rebuild_student, set_act_tracking
 
@@ -30,6 +30,7 @@ __all__ = [
     "fake_quantize",
     "granq_fake_quant",
     "granq_function",
+    "granq_path",
     "layerwise_fake_quant",
     "quant_params",
     "quantize_model",

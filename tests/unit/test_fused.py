@@ -22,10 +22,12 @@ from quantization_utils import (
     WeightQuant,
     granq_fake_quant,
     granq_function,
+    granq_path,
     quantize_model,
     weight_fake_quant,
     weight_function,
 )
+from quantization_utils.functional import grouped_values, quant_params
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +185,171 @@ def test_values_that_differ_from_eager_are_caught(caplog):
     assert "differ from the eager formula" in auto.failure
     with pytest.raises(RuntimeError, match="differ from the eager formula"):
         CompiledGranQ(strict=True, compiler=wrong_compiler)(x, 3)
+
+
+def same_compiler(fn):
+    """A compiler that changes nothing: the compiled path with eager's own arithmetic."""
+    return fn
+
+
+def compiler_wrong_on_rows_from_zero(fn):
+    """Wrong by one unit in the last place, only on rows whose minimum is 0: post-ReLU activations, never weights."""
+
+    def compiled(groups, bits):
+        y = fn(groups, bits)
+        from_zero = groups.amin(dim=1, keepdim=True) == 0
+        return torch.where(from_zero, torch.nextafter(y, torch.full_like(y, torch.inf)), y)
+
+    return compiled
+
+
+def compiler_rounding_half_away(fn):
+    """The right formula, but ties of round() go away from zero instead of to the even neighbour."""
+
+    def compiled(groups, bits):
+        lo, hi = torch.aminmax(groups, dim=1, keepdim=True)
+        scale, zero_point = quant_params(lo, hi, bits)
+        scaled = scale * groups - zero_point
+        return (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5) + zero_point) / scale
+
+    return compiled
+
+
+def test_first_calls_are_checked_per_role():
+    """With qw = qa, a kernel weight and an activation share rank, grouping, layout, bits, dtype and device:
+    the activation still gets its own first-call check."""
+    granq = CompiledGranQ(strict=False, compiler=compiler_wrong_on_rows_from_zero)
+    w = torch.randn(16, 16, 3, 3) * 0.1
+    assert torch.equal(granq.weight(w, 4), weight_fake_quant(w, 4))
+    assert granq.uses_compiled and {key[0] for key in granq._verified} == {"kernel weight"}
+    x = torch.randn(4, 16, 8, 8).relu()
+    assert torch.equal(granq(x, 4), granq_fake_quant(x, 4))
+    assert "differ from the eager formula" in granq.failure and "activation" in granq.failure
+    with pytest.raises(RuntimeError, match="differ from the eager formula.*activation"):
+        strict = CompiledGranQ(strict=True, compiler=compiler_wrong_on_rows_from_zero)
+        strict.weight(w, 4)
+        strict(x, 4)
+
+
+def test_first_call_keys_name_the_role():
+    granq = CompiledGranQ(strict=True, compiler=same_compiler)
+    granq.weight(torch.randn(8, 4, 3, 3), 3, "kernel")
+    granq.weight(torch.randn(8, 4, 3, 3), 3, "channel")
+    granq(torch.randn(2, 4, 5, 5), 3)
+    granq(torch.randn(2, 4, 5, 5).to(memory_format=torch.channels_last), 3)
+    roles = sorted(key[0] for key in granq._verified)
+    assert roles == ["activation", "activation", "channel weight", "kernel weight"]
+
+
+def test_first_call_checks_rounding_of_exact_halves():
+    """A compiler that rounds ties away from zero is caught even where the input itself holds no tie."""
+    x = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(0)) * 3
+    wrong = compiler_rounding_half_away(grouped_values)
+    assert torch.equal(fused.grouped_call(wrong, x, 3, 2), granq_fake_quant(x, 3))  # no tie in x
+    ties = fused.tie_tensor((2, 4, 23, 23), 2, 3, signed=False)
+    assert not torch.equal(fused.grouped_call(wrong, ties, 3, 2), granq_fake_quant(ties, 3))
+    granq = CompiledGranQ(strict=False, compiler=compiler_rounding_half_away)
+    assert torch.equal(granq(x, 3), granq_fake_quant(x, 3))
+    assert "differ from the eager formula on exact halves" in granq.failure
+    w = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fused.grouped_call(wrong, w, 5, 1), weight_fake_quant(w, 5, "channel"))
+    with pytest.raises(RuntimeError, match="exact halves.*channel weight"):
+        CompiledGranQ(strict=True, compiler=compiler_rounding_half_away).weight(w, 5, "channel")
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("signed", [False, True])
+def test_tie_tensor_rounds_exact_halves_to_even(bits, signed):
+    x = fused.tie_tensor((8, 529), 1, bits, signed)
+    n = 2**bits - 1
+    lo, hi = x.aminmax(dim=1, keepdim=True)
+    powers = torch.arange(8.0).sub(4).exp2().view(-1, 1)
+    assert torch.equal(hi - lo, n * powers)
+    assert (lo == 0).all() != signed
+    scale, zero_point = quant_params(lo, hi, bits)
+    assert torch.equal(scale, 1 / powers)
+    scaled = scale * x - zero_point
+    assert torch.equal(scaled.double(), x.double() * scale.double() - zero_point.double())  # exact
+    ties = scaled[:, 2:]
+    assert torch.equal(ties - ties.floor(), torch.full_like(ties, 0.5))
+    assert len(ties.unique()) == n  # every half of the grid
+    below = ties.floor()
+    to_even = below + below.remainder(2)
+    assert torch.equal(granq_fake_quant(x, bits)[:, 2:] * scale - zero_point, to_even)
+
+
+def test_granq_path_names_the_implementation(monkeypatch):
+    monkeypatch.setattr(fused, "_SHARED", {})
+    assert granq_path("eager") == "eager: granq_impl = eager"
+    assert granq_path("auto") == "eager: no call has used the compiled path yet"
+    fused._SHARED["auto"] = CompiledGranQ(strict=False, compiler=same_compiler)
+    granq_function("auto")(torch.randn(2, 7, 1, 1), 3)  # rows of one element go to eager
+    assert granq_path("auto") == "eager: no call has used the compiled path yet"
+    granq_function("auto")(torch.randn(2, 7, 3, 3), 3)
+    assert granq_path("auto") == "compiled"
+    fused._SHARED["compiled"] = CompiledGranQ(strict=True, compiler=failing_compiler)
+    with pytest.raises(RuntimeError):
+        granq_function("compiled")(torch.randn(2, 7), 3)
+    assert granq_path("compiled") == "eager: no call has used the compiled path yet"
+    fused._SHARED["auto"] = CompiledGranQ(strict=False, compiler=failing_compiler)
+    weight_function("auto")(torch.randn(4, 3, 3, 3), 3)
+    assert granq_path("auto") == "eager: RuntimeError: simulated: no working C++ compiler"
+    with pytest.raises(ValueError, match="granq_impl must be one of"):
+        granq_path("fast")
+
+
+def test_no_compilation_off_the_cpu_without_eager_numerics(monkeypatch):
+    """A torch without Inductor's eager-numerics options: eager on a device that is not the CPU (a meta tensor
+    stands in for CUDA here), with the reason; the compiled path still on the CPU."""
+    monkeypatch.setattr(fused, "missing_eager_numerics", lambda: ["eager_numerics.division_rounding"])
+    calls = []
+    granq = CompiledGranQ(strict=False, compiler=lambda fn: calls.append(fn) or fn)
+    y = granq(torch.empty(2, 3, 4, 4, device="meta"), 3)
+    assert y.device.type == "meta" and y.shape == (2, 3, 4, 4)
+    assert calls == []
+    assert granq.path == (f"eager: torch {torch.__version__} lacks torch._inductor.config.eager_numerics."
+                          f"division_rounding; compiled values could differ from eager on meta")
+    with pytest.raises(RuntimeError, match="granq_impl = compiled.*lacks torch._inductor.config.eager_numerics"):
+        CompiledGranQ(strict=True, compiler=same_compiler).weight(torch.empty(4, 3, 3, 3, device="meta"), 3)
+    on_cpu = CompiledGranQ(strict=True, compiler=same_compiler)
+    on_cpu(torch.randn(2, 3, 4, 4), 3)
+    assert on_cpu.path == "compiled"
+
+
+def test_eager_numerics_options_apply_to_this_compilation_only(monkeypatch):
+    """compile_values hands the options to Inductor for its own compilations; the process's config is unchanged."""
+    if fused.missing_eager_numerics():
+        pytest.skip(f"torch {torch.__version__} lacks {fused.missing_eager_numerics()}")
+    from torch._inductor import compile_fx as compile_fx_module
+    from torch._inductor import config
+
+    def current():
+        return {name: config.get_config_copy()[name] for name in fused.EAGER_NUMERICS}
+
+    seen = []  # the options in effect for each call of Inductor's compile_fx (it calls itself once patched)
+    original = compile_fx_module.compile_fx
+
+    def recording_compile_fx(*args, **kwargs):
+        seen.append({**current(), **(kwargs.get("config_patches") or {})})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", recording_compile_fx)
+    before = current()
+
+    def third(x):
+        return x / 3
+
+    x = torch.randn(5)
+    try:
+        assert torch.equal(fused.compile_values(third)(x), x / 3)
+        with_options, seen[:] = seen[:], []
+        assert torch.equal(fused.compile_values(third, eager_numerics=False)(x), x / 3)
+    except RuntimeError as error:
+        pytest.skip(f"torch.compile does not work here: {error}")
+    wanted = {name: True for name in fused.EAGER_NUMERICS}
+    assert with_options and all({name: s[name] for name in wanted} == wanted for s in with_options)
+    assert seen and all(s == before for s in seen)
+    assert current() == before
 
 
 def test_quantize_model_wires_granq_impl():
