@@ -1,0 +1,236 @@
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from utils.reproduce import load_plan, main, resolve_plan
+
+from ..conftest import CIFAR10_CONF, ROOT
+
+TOOL = os.path.join(ROOT, "tools", "reproduce.py")
+CIFAR100_CONF = os.path.join(ROOT, "CIFAR", "cifar100_resnet20.hocon")
+
+
+def write_plan(folder, name="tiny", **keys) -> str:
+    """A plan file (JSON is valid hocon) of one CIFAR-10 cell unless ``keys`` say otherwise."""
+    values = {"configs": [CIFAR10_CONF], "bits": [4], "act_modes": ["granq"], "seeds": [1],
+              "save_path": str(folder / "runs"), **keys}
+    path = folder / f"{name}.hocon"
+    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
+    return str(path)
+
+
+def write_fake_python(folder, body: str) -> str:
+    """An executable standing in for the interpreter: main.py is never run, the arguments are echoed."""
+    path = folder / "fake_python"
+    path.write_text("#!/bin/sh\n" + 'echo "fake run: CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset} $*"\n'
+                    + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def cell_lines(out: str, action: str) -> list[str]:
+    """Names of the cells of the dry-run listing (or skip lines) with ``action``."""
+    return [line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith(f"{action} ")]
+
+
+def table_row(markdown: str, dataset: str) -> dict:
+    lines = markdown.splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| dataset")).strip("|").split("|")]
+    row = [c.strip() for c in next(line for line in lines if line.startswith(f"| {dataset} ")).strip("|").split("|")]
+    return dict(zip(header, row))
+
+
+@pytest.mark.parametrize("name, configs, act_modes", [
+    ("cifar", ["CIFAR/cifar10_resnet20.hocon", "CIFAR/cifar100_resnet20.hocon"], ("granq",)),
+    ("imagenet", ["ImageNet/imagenet_res18.hocon", "ImageNet/imagenet_res50.hocon", "ImageNet/imagenet_MV2.hocon"],
+     ("granq",)),
+    ("ablation", ["CIFAR/cifar100_resnet20.hocon"], ("layerwise", "channel", "granq")),
+])
+def test_shipped_plans_load(name, configs, act_modes):
+    plan = load_plan(resolve_plan(name))
+    assert plan.name == name and plan.configs == tuple(os.path.join(ROOT, c) for c in configs)
+    assert plan.bits == (3, 4, 5) and plan.act_modes == act_modes and plan.seeds == (1, 2, 3)
+    assert plan.overrides == () and plan.save_path == "./runs"
+
+
+def test_cifar_plan_dry_run_lists_18_cells_and_starts_nothing(tmp_path, capsys):
+    save_path = tmp_path / "runs"
+    assert main(["--plan", "cifar", "--seeds", "1", "2", "3", "--save-path", str(save_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    expected = {f"{config}_W{b}A{b}_granq_id{seed}" for config in ("cifar10_resnet20", "cifar100_resnet20")
+                for b in (3, 4, 5) for seed in (1, 2, 3)}
+    listed = cell_lines(out, "run")
+    assert len(listed) == 18 and set(listed) == expected
+    assert "18 cells in" in out and "18 to run, 0 to resume, 0 done" in out
+    command = next(line for line in out.splitlines() if "cifar100_resnet20_W5A5_granq_id2:" in line)
+    assert "main.py --conf_path" in command and "cifar100_resnet20.hocon --id 2 --qw 5 --qa 5" in command
+    assert f"save_path={save_path}/cifar/cifar100_resnet20_W5A5_granq_id2" in command
+    assert not save_path.exists()
+    # --seeds replaces the plan's seeds
+    assert main(["--plan", "cifar", "--seeds", "7", "--save-path", str(save_path), "--dry-run"]) == 0
+    listed = cell_lines(capsys.readouterr().out, "run")
+    assert len(listed) == 6 and all(name.endswith("_id7") for name in listed)
+
+
+def test_dry_run_shows_done_interrupted_and_fresh_cells_and_a_run_resumes(tmp_path, capsys, monkeypatch):
+    plan = write_plan(tmp_path, seeds=[1, 2, 3, 4])
+    cells = tmp_path / "runs" / "tiny"
+    done = cells / "cifar10_resnet20_W4A4_granq_id1" / "run_a"
+    old, interrupted = (cells / "cifar10_resnet20_W4A4_granq_id2" / name for name in ("run_a", "run_b"))
+    unstarted = cells / "cifar10_resnet20_W4A4_granq_id3" / "run_a"  # stopped before its first checkpoint
+    for folder in (done, old, interrupted, unstarted):
+        folder.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps(
+        {"dataset": "cifar10", "network": "resnet20_cifar10", "qw": 4, "qa": 4, "act_mode": "granq",
+         "weight_granularity": "kernel", "student_top1": 12.5}))
+    (old / "checkpoint.pt").write_text("")
+    (interrupted / "checkpoint.pt").write_text("")
+    os.utime(old / "checkpoint.pt", (1, 1))  # the newer checkpoint is the one to resume
+
+    assert main(["--plan", plan, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert cell_lines(out, "skip") == ["cifar10_resnet20_W4A4_granq_id1"]
+    assert cell_lines(out, "resume") == ["cifar10_resnet20_W4A4_granq_id2"]
+    assert cell_lines(out, "run") == ["cifar10_resnet20_W4A4_granq_id3", "cifar10_resnet20_W4A4_granq_id4"]
+    resume_line = next(line for line in out.splitlines() if line.startswith("resume "))
+    assert resume_line.endswith(f"main.py --resume {interrupted}")
+    assert "4 cells in" in out and "2 to run, 1 to resume, 1 done" in out
+    assert not (cells / "cifar10_resnet20_W4A4_granq_id4").exists()
+
+    # What runs is what the dry run printed: the fake interpreter records its arguments in cell.log.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert main(["--plan", plan, "--python", write_fake_python(tmp_path, "exit 3\n")]) == 1
+    assert not (done.parent / "cell.log").exists()
+    log = (interrupted.parent / "cell.log").read_text()
+    assert f"main.py --resume {interrupted}\n" in log and "fake run: CUDA_VISIBLE_DEVICES=unset " in log
+    assert "--conf_path" in (unstarted.parent / "cell.log").read_text()
+    assert "12.50 (n=1)" in (cells / "results.md").read_text()  # the finished cell is tabulated
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"bitz": [3]}, r"unknown key\(s\): bitz\. Valid keys: description, configs, bits"),
+    ({"configs": ["CIFAR/no_such.hocon"]}, r"config file 'CIFAR/no_such.hocon' does not exist"),
+    ({"bits": 4}, r"bits must be a list of integers, got 4"),
+    ({"seeds": []}, r"seeds is empty"),
+    ({"set": ["nEpoch=1"]}, r"set: unknown config key\(s\): nEpoch"),
+    ({"set": ["act_mode=layerwise"]}, r"act_mode is set by each cell; list it in act_modes"),
+    ({"bits": [9]}, r"cell cifar10_resnet20_W9A9_granq_id1: qw = 9 is out of range"),
+    ({"act_modes": ["granular"]}, r"act_mode = 'granular' is not valid"),
+])
+def test_bad_plan_is_refused_with_a_clear_error(tmp_path, capsys, keys, message):
+    assert main(["--plan", write_plan(tmp_path, **keys), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert re.search(message, err), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_key_and_unknown_plan_name(tmp_path, capsys):
+    path = tmp_path / "partial.hocon"
+    path.write_text('configs = ["CIFAR/cifar10_resnet20.hocon"]\nbits = [3]\n')
+    assert main(["--plan", str(path)]) == 2
+    assert "lacks act_modes, seeds: act_modes: activation quantizers" in capsys.readouterr().err
+    assert main(["--plan", "cifar10"]) == 2
+    assert "no plan of that name in tools/plans (plans there: ablation, cifar, imagenet)" in capsys.readouterr().err
+
+
+def test_failing_cells_are_reported_and_the_others_go_on(tmp_path, capsys):
+    plan = write_plan(tmp_path, seeds=[1, 2])
+    fake = write_fake_python(tmp_path, 'echo "error: something broke" >&2\nexit 3\n')
+    assert main(["--plan", plan, "--python", fake]) == 1
+    captured = capsys.readouterr()
+    for seed in (1, 2):
+        log = tmp_path / "runs" / "tiny" / f"cifar10_resnet20_W4A4_granq_id{seed}" / "cell.log"
+        assert f"--id {seed} " in log.read_text() and "error: something broke" in log.read_text()
+        assert f"FAILED {seed}/2 cifar10_resnet20_W4A4_granq_id{seed} after 0:00:0" in captured.out
+        assert f"exit code 3; log {log}; last line: error: something broke" in captured.out
+    assert "2 of 2 started cell(s) failed" in captured.err
+    assert "no cell has finished: no results.md written" in captured.out
+
+
+def test_gpus_pin_one_gpu_to_each_run(tmp_path, capsys):
+    plan = write_plan(tmp_path, seeds=[1, 2, 3])
+    fake = write_fake_python(tmp_path, "exit 0\n")  # exits 0 without a summary.json: reported as failed
+    assert main(["--plan", plan, "--python", fake, "--gpus", "4,6", "--jobs", "2"]) == 1
+    out = capsys.readouterr().out
+    logs = [(tmp_path / "runs" / "tiny" / f"cifar10_resnet20_W4A4_granq_id{seed}" / "cell.log").read_text()
+            for seed in (1, 2, 3)]
+    # Both slots are free at the start, so cells 1 and 2 start at once on different GPUs.
+    assert "fake run: CUDA_VISIBLE_DEVICES=4 " in logs[0] and "fake run: CUDA_VISIBLE_DEVICES=6 " in logs[1]
+    assert any(f"fake run: CUDA_VISIBLE_DEVICES={gpu} " in logs[2] for gpu in (4, 6))
+    assert all("--set GPU=0" in log for log in logs)
+    assert "start  1/3 cifar10_resnet20_W4A4_granq_id1 on GPU 4" in out
+    assert "exit code 0 but no summary.json" in out
+
+
+def test_sigterm_stops_each_run_with_one_sigterm(tmp_path):
+    plan = write_plan(tmp_path, seeds=[1, 2])
+    # Stands in for a run that takes a second to checkpoint after SIGTERM (a signal meanwhile is logged too)
+    # and exits 143; without the signal it ends after 20 s with exit code 0.
+    fake = write_fake_python(tmp_path, 'trap \'echo "got TERM"\' TERM\nsleep 20 & pid=$!\nwait $pid\n'
+                                       'if [ $? -gt 128 ]; then sleep 1 & wait $!; kill $pid; exit 143; fi\n')
+    process = subprocess.Popen([sys.executable, TOOL, "--plan", plan, "--python", fake, "--jobs", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = [tmp_path / "runs" / "tiny" / f"cifar10_resnet20_W4A4_granq_id{seed}" / "cell.log" for seed in (1, 2)]
+    deadline = time.time() + 60
+    while not all(log.exists() and "fake run" in log.read_text() for log in logs):
+        assert time.time() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    for seed, log in enumerate(logs, 1):
+        assert log.read_text().count("got TERM") == 1
+        assert f"stopped {seed}/2 cifar10_resnet20_W4A4_granq_id{seed}" in out
+    assert "interrupted: rerun the same command to resume" in err
+
+
+def test_two_cell_plan_interrupted_then_rerun_and_tabulated(tmp_path, cifar_folder, capsys):
+    tiny = [f"dataPath={cifar_folder}", "teacher_weights=random", "nEpochs=1", "iters_per_epoch=2", "batchSize=4",
+            "warmup_epochs=0", "nThreads=0", "test_batch_size=8",
+            "granq_impl=eager"]  # compiling would take longer than the run
+    plan = write_plan(tmp_path, bits=[3, 4], set=tiny)
+    cells = tmp_path / "runs" / "tiny"
+    first, second = (cells / f"cifar10_resnet20_W{b}A{b}_granq_id1" for b in (3, 4))
+
+    assert main(["--plan", plan, "--max-cells", "1"]) == 0  # stops after the first cell
+    out = capsys.readouterr().out
+    assert "start  1/1 cifar10_resnet20_W3A3_granq_id1" in out and "done   1/1 cifar10_resnet20_W3A3" in out
+    [run_dir] = [p for p in first.iterdir() if p.is_dir()]
+    assert (run_dir / "summary.json").exists() and not second.exists()
+
+    assert main(["--plan", plan]) == 0
+    out = capsys.readouterr().out
+    assert cell_lines(out, "skip") == ["cifar10_resnet20_W3A3_granq_id1"]
+    assert "start  1/1 cifar10_resnet20_W4A4_granq_id1" in out and "done   1/1 cifar10_resnet20_W4A4" in out
+    assert [p for p in first.iterdir() if p.is_dir()] == [run_dir]  # not run again
+    assert "--conf_path" in (second / "cell.log").read_text()
+
+    results = (cells / "results.md").read_text()
+    assert results in out
+    row = table_row(results, "CIFAR-10")
+    for cell in (first, second):
+        [summary] = cell.glob("*/summary.json")
+        summary = json.loads(summary.read_text())
+        assert row[f"W{summary['qw']}A{summary['qa']}"] == f"{summary['student_top1']:.2f} (n=1)"
+    assert row["W5A5"] == "–"
+
+
+@pytest.mark.parametrize("script, cells, main_py", [("run_all_cifar.sh", 18, "CIFAR/main.py"),
+                                                    ("run_all_imagenet.sh", 27, "ImageNet/main.py")])
+def test_run_all_scripts_run_their_plan_and_pass_arguments_on(tmp_path, script, cells, main_py):
+    result = subprocess.run(["bash", os.path.join(ROOT, script), "--dry-run", "--save-path", str(tmp_path)],
+                            cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    listed = [line for line in result.stdout.splitlines() if line.startswith("run ")]
+    assert len(listed) == cells and all(main_py in line for line in listed)
+    assert {line.split("--id ")[1].split()[0] for line in listed} == {"1", "2", "3"}
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,439 @@
+"""Whole tables in one command: expand a plan into cells, run what is missing, tabulate what finished.
+
+A plan is a hocon file (``tools/plans/*.hocon``) with the keys of :data:`PLAN_KEYS`. Its cells are every
+config x bit-width x act_mode x seed. Cell ``NAME`` (``{config}_W{b}A{b}_{act_mode}_id{seed}``) lives in
+``save_path/<plan>/NAME/``: that folder is the run's ``save_path``, so the run makes its own timestamped
+directory inside, and ``cell.log`` there collects the command's output over every attempt. On each call a
+cell is
+
+- done when a run directory in its folder holds ``summary.json`` (skipped),
+- resumed with ``--resume RUN_DIR`` when a run directory holds ``checkpoint.pt`` but no summary
+  (the newest such checkpoint),
+- run afresh otherwise (a run that stopped before its first checkpoint is left where it is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import glob
+import itertools
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from pyhocon import ConfigFactory
+
+from .errors import ConfigError, UserError
+from .results import METRICS, SUMMARY_FILE, load_summaries, results_markdown
+
+__all__ = ["PLAN_KEYS", "PLANS_DIR", "Cell", "Plan", "cell_state", "expand_cells", "load_plan", "main",
+           "resolve_plan", "run_cells"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLANS_DIR = os.path.join(ROOT, "tools", "plans")
+CHECKPOINT = "checkpoint.pt"  # as utils.trainer writes it; not imported, so that a dry run needs no trainer
+CELL_LOG = "cell.log"
+RESULTS_FILE = "results.md"
+DEFAULT_SAVE_PATH = "./runs"
+
+# key -> (type, required, what it holds)
+PLAN_KEYS = {
+    "description": (str, False, "one line shown when the plan starts"),
+    "configs": (list[str], True, "hocon configs; relative paths are read from the repository root"),
+    "bits": (list[int], True, "bit-widths; each cell quantizes weights and activations to the same bits"),
+    "act_modes": (list[str], True, "activation quantizers, passed as --set act_mode=..."),
+    "seeds": (list[int], True, "run ids (--id); the random seed is id + 1"),
+    "set": (list[str], False, "key=value overrides added to every cell"),
+    "save_path": (str, False, f"cells go to <save_path>/<plan name>/<cell>/ (default {DEFAULT_SAVE_PATH})"),
+}
+# Config keys a cell sets itself; an override of one would make the cell's name lie.
+RESERVED_KEYS = {"save_path": "use the plan's save_path or --save-path", "act_mode": "list it in act_modes",
+                 "qw": "list the bit-width in bits", "qa": "list the bit-width in bits"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    path: str
+    description: str
+    configs: tuple[str, ...]
+    bits: tuple[int, ...]
+    act_modes: tuple[str, ...]
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...]
+    save_path: str
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    config: str
+    bits: int
+    act_mode: str
+    seed: int
+    folder: str  # the run's save_path
+    main_py: str
+    overrides: tuple[str, ...]  # every --set of a fresh run
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.folder, CELL_LOG)
+
+    def fresh_command(self, python: str) -> list[str]:
+        command = [python, _short(self.main_py), "--conf_path", _short(self.config), "--id", str(self.seed),
+                   "--qw", str(self.bits), "--qa", str(self.bits)]
+        for override in self.overrides:
+            command += ["--set", override]
+        return command
+
+    def resume_command(self, python: str, run_dir: str) -> list[str]:
+        # The run's own config (in its checkpoint) applies; --set is not given, as main.py would refuse a change.
+        return [python, _short(self.main_py), "--resume", run_dir]
+
+
+def _short(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def resolve_plan(name_or_path: str) -> str:
+    """The plan file: a path to a hocon file, or the name of one in ``tools/plans``."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    named = os.path.join(PLANS_DIR, f"{name_or_path}.hocon")
+    if os.sep not in name_or_path and os.path.isfile(named):
+        return named
+    known = sorted(f[:-len(".hocon")] for f in os.listdir(PLANS_DIR) if f.endswith(".hocon"))
+    raise UserError(f"--plan {name_or_path!r}: no such file, and no plan of that name in {_short(PLANS_DIR)} "
+                    f"(plans there: {', '.join(known)})")
+
+
+def _check_type(path: str, key: str, value, kind):
+    item = getattr(kind, "__args__", (None,))[0]
+    if item is None:
+        ok = isinstance(value, kind)
+    else:
+        ok = isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+    if not ok:
+        what = {str: "a string", list[str]: "a list of strings", list[int]: "a list of integers"}[kind]
+        raise UserError(f"plan {path}: {key} must be {what}, got {value!r}")
+    if item is not None and key != "set" and not value:
+        raise UserError(f"plan {path}: {key} is empty; list at least one")
+    if item is not None and len(set(value)) != len(value):
+        raise UserError(f"plan {path}: {key} lists a value twice: {value}")
+    return tuple(value) if item is not None else value
+
+
+def load_plan(path: str) -> Plan:
+    """Read and check a plan file; every error names the plan, the key and the fix."""
+    try:
+        values = dict(ConfigFactory.parse_file(path).as_plain_ordered_dict())
+    except Exception as error:  # pyhocon raises its own and pyparsing's exceptions
+        raise UserError(f"plan {path} cannot be parsed: {error}") from None
+    unknown = [k for k in values if k not in PLAN_KEYS]
+    if unknown:
+        raise UserError(f"plan {path}: unknown key(s): {', '.join(unknown)}. Valid keys: {', '.join(PLAN_KEYS)}")
+    missing = [k for k, (_, required, _) in PLAN_KEYS.items() if required and k not in values]
+    if missing:
+        raise UserError(f"plan {path} lacks {', '.join(missing)}: "
+                        + "; ".join(f"{k}: {PLAN_KEYS[k][2]}" for k in missing))
+    checked = {k: _check_type(path, k, v, PLAN_KEYS[k][0]) for k, v in values.items()}
+    configs = []
+    for config in checked["configs"]:
+        resolved = config if os.path.isabs(config) else os.path.join(ROOT, config)
+        if not os.path.isfile(resolved):
+            raise UserError(f"plan {path}: config file {config!r} does not exist (relative paths are read from "
+                            f"the repository root, {ROOT})")
+        configs.append(resolved)
+    return Plan(name=os.path.splitext(os.path.basename(path))[0], path=path,
+                description=checked.get("description", ""), configs=tuple(configs), bits=checked["bits"],
+                act_modes=checked["act_modes"], seeds=checked["seeds"], overrides=checked.get("set", ()),
+                save_path=checked.get("save_path", DEFAULT_SAVE_PATH))
+
+
+def _check_overrides(overrides, where: str) -> None:
+    from .config import parse_override
+
+    for text in overrides:
+        try:
+            key, _ = parse_override(text)
+        except ConfigError as error:
+            raise UserError(f"{where}: {error}") from None
+        if key in RESERVED_KEYS:
+            raise UserError(f"{where}: {key} is set by each cell; {RESERVED_KEYS[key]}")
+
+
+def expand_cells(plan: Plan, save_path: str, extra_overrides=(), gpu_index: bool = False) -> list[Cell]:
+    """Every cell of ``plan``, its config loaded and checked as ``main.py`` would (so a typo in an
+    override stops here, not in every cell). ``gpu_index`` adds ``GPU=0`` for runs pinned by
+    CUDA_VISIBLE_DEVICES."""
+    from .config import load_options
+
+    _check_overrides(plan.overrides, f"plan {plan.path}: set")
+    _check_overrides(extra_overrides, "--set")
+    cells, names = [], {}
+    for config, bits, act_mode, seed in itertools.product(plan.configs, plan.bits, plan.act_modes, plan.seeds):
+        stem = os.path.splitext(os.path.basename(config))[0]
+        name = f"{stem}_W{bits}A{bits}_{act_mode}_id{seed}"
+        if name in names:
+            raise UserError(f"plan {plan.path}: configs {names[name]} and {config} have the same file name, so "
+                            f"their cells would share folders; rename one")
+        names[name] = config
+        folder = os.path.join(save_path, plan.name, name)
+        overrides = (f"act_mode={act_mode}", *plan.overrides, *extra_overrides, f"save_path={folder}",
+                     *(["GPU=0"] if gpu_index else []))
+        try:
+            options = load_options(config, overrides, qw=bits, qa=bits)
+        except ConfigError as error:
+            raise UserError(f"cell {name}: {error}") from None
+        folder_name = "ImageNet" if options.dataset == "imagenet" else "CIFAR"
+        cells.append(Cell(name, config, bits, act_mode, seed, folder, os.path.join(ROOT, folder_name, "main.py"),
+                          overrides))
+    return cells
+
+
+def cell_state(cell: Cell) -> tuple[str, str | None]:
+    """``("done", run_dir)``, ``("resume", run_dir)`` or ``("run", None)``; see the module docstring."""
+    finished = sorted(glob.glob(os.path.join(glob.escape(cell.folder), "*", SUMMARY_FILE)))
+    if finished:
+        return "done", os.path.dirname(finished[0])
+    checkpoints = glob.glob(os.path.join(glob.escape(cell.folder), "*", CHECKPOINT))
+    if checkpoints:
+        return "resume", os.path.dirname(max(checkpoints, key=os.path.getmtime))
+    return "run", None
+
+
+def _clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+@dataclass
+class Task:
+    """A cell to start now and the command that does it."""
+    cell: Cell
+    command: list[str]
+    action: str  # "run" or "resume"
+    outcome: str = "pending"  # then "done", "failed" or "interrupted"
+    detail: str = ""
+
+
+@dataclass
+class _Running:
+    task: Task
+    process: subprocess.Popen
+    log: object
+    started: float
+    slot: int
+    number: str  # "i/n", for the progress lines
+
+
+def _say(text: str, start: float) -> None:
+    print(f"[{_clock(time.time() - start)}] {text}", flush=True)
+
+
+def _start(task: Task, number: str, gpu: str | None, slot: int, start: float) -> _Running:
+    os.makedirs(task.cell.folder, exist_ok=True)
+    log = open(task.cell.log_path, "a")
+    device = f"CUDA_VISIBLE_DEVICES={gpu} " if gpu is not None else ""
+    log.write(f"=== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} {device}{shlex.join(task.command)}\n")
+    log.flush()
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    # A session of its own: a Ctrl-C at the terminal reaches this process only, which then sends each run
+    # exactly one SIGTERM (a second signal would stop a run before it writes its checkpoint).
+    process = subprocess.Popen(task.command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    where = f" on GPU {gpu}" if gpu is not None else ""
+    what = f" (resume {task.command[-1]})" if task.action == "resume" else ""
+    _say(f"start  {number} {task.cell.name}{where}{what}", start)
+    return _Running(task, process, log, time.time(), slot, number)
+
+
+def _finish(running: _Running, start: float) -> None:
+    running.log.close()
+    task, code, number = running.task, running.process.returncode, running.number
+    took = _clock(time.time() - running.started)
+    state, run_dir = cell_state(task.cell)
+    if code == 0 and state == "done":
+        task.outcome = "done"
+        summary = load_summaries([run_dir])[0]
+        top1 = summary.get("student_top1")
+        task.detail = f"student_top1 {top1:.2f}" if top1 is not None else "no student_top1"
+        _say(f"done   {number} {task.cell.name} in {took}: {task.detail}", start)
+    elif code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        task.outcome = "interrupted"
+        _say(f"stopped {number} {task.cell.name} after {took}: interrupted, rerun to resume; log {task.cell.log_path}",
+             start)
+    else:
+        task.outcome = "failed"
+        reason = f"exit code {code}" if code != 0 else f"exit code 0 but no {SUMMARY_FILE}"
+        last = _last_line(task.cell.log_path)
+        task.detail = f"{reason}; log {task.cell.log_path}" + (f"; last line: {last}" if last else "")
+        _say(f"FAILED {number} {task.cell.name} after {took}: {task.detail}", start)
+
+
+def run_cells(tasks: list[Task], jobs: int = 1, gpus=(), start: float | None = None) -> bool:
+    """Run ``tasks``, ``jobs`` at a time, each with one of ``gpus`` (cycled over the job slots) or none;
+    set each task's outcome. Returns False when interrupted (Ctrl-C or SIGTERM): the runs then got one
+    SIGTERM each, wrote their checkpoints and were waited for."""
+    start = time.time() if start is None else start
+    slots = [gpus[i % len(gpus)] for i in range(jobs)] if gpus else [None] * jobs
+    free = list(range(jobs))
+    pending = list(enumerate(tasks, 1))
+    running: list[_Running] = []
+    width = len(str(len(tasks)))
+
+    try:
+        while pending or running:
+            while pending and free:
+                i, task = pending.pop(0)
+                slot = free.pop(0)
+                running.append(_start(task, f"{i:{width}d}/{len(tasks)}", slots[slot], slot, start))
+            for r in [r for r in running if r.process.poll() is not None]:
+                running.remove(r)
+                free.append(r.slot)
+                free.sort()
+                _finish(r, start)
+            if running:
+                time.sleep(0.2)
+        return True
+    except KeyboardInterrupt:
+        _say(f"interrupted: stopping {len(running)} run(s); each writes a checkpoint (Ctrl-C again: stop at once)",
+             start)
+        for r in running:
+            r.process.send_signal(signal.SIGTERM)
+        while running:
+            try:
+                for r in [r for r in running if r.process.poll() is not None]:
+                    running.remove(r)
+                    _finish(r, start)
+                time.sleep(0.2)
+            except KeyboardInterrupt:
+                for r in running:
+                    r.process.send_signal(signal.SIGTERM)
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tools/reproduce.py", description="Run every cell of a plan that has no result yet, then tabulate.",
+        epilog=f"Plans: {', '.join(sorted(f[:-6] for f in os.listdir(PLANS_DIR) if f.endswith('.hocon')))} "
+               f"in {_short(PLANS_DIR)}; copy one to make your own.")
+    parser.add_argument("--plan", required=True, help="a plan name in tools/plans or a path to a plan hocon file")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="ID", help="run ids, instead of the plan's seeds")
+    parser.add_argument("--save-path", help="instead of the plan's save_path (default ./runs)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key in every cell; repeatable")
+    parser.add_argument("--jobs", type=int, help="cells run at once (default: one per GPU of --gpus, else 1)")
+    parser.add_argument("--gpus", help="comma-separated GPU ids, e.g. 0,1: each run sees one "
+                                       "(CUDA_VISIBLE_DEVICES) and uses GPU=0; without it runs see every device")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for main.py (default: this one)")
+    parser.add_argument("--max-cells", type=int, metavar="N", help="start at most N cells this time")
+    parser.add_argument("--metric", choices=METRICS, default="student_top1", help="metric of the results table")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print each cell's command, or why it is skipped or resumed; run nothing")
+    return parser
+
+
+def _gpu_list(text: str | None) -> list[str]:
+    if text is None:
+        return []
+    gpus = [g.strip() for g in text.split(",")]
+    if not all(gpus):
+        raise UserError(f"--gpus {text!r}: give comma-separated GPU ids such as 0,1,2")
+    return gpus
+
+
+def _write_results(plan_dir: str, cells: list[Cell], metric: str) -> int:
+    done = [run_dir for state, run_dir in map(cell_state, cells) if state == "done"]
+    if not done:
+        print(f"no cell has finished: no {RESULTS_FILE} written")
+        return 0
+    text = results_markdown(load_summaries(done), metric)
+    path = os.path.join(plan_dir, RESULTS_FILE)
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"\n{len(done)} of {len(cells)} cells finished; table written to {path}\n")
+    sys.stdout.write(text)
+    return len(done)
+
+
+def reproduce(args) -> int:
+    start = time.time()
+    plan = load_plan(resolve_plan(args.plan))
+    if args.seeds:
+        plan = dataclasses.replace(plan, seeds=tuple(dict.fromkeys(args.seeds)))
+    gpus = _gpu_list(args.gpus)
+    jobs = args.jobs if args.jobs is not None else max(1, len(gpus))
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: give at least 1")
+    if args.max_cells is not None and args.max_cells < 0:
+        raise UserError(f"--max-cells {args.max_cells}: give 0 or more")
+    save_path = args.save_path or plan.save_path
+    plan_dir = os.path.join(save_path, plan.name)
+    cells = expand_cells(plan, save_path, args.set, gpu_index=bool(gpus))
+
+    tasks, counts = [], {"run": 0, "resume": 0, "done": 0}
+    print(f"plan {plan.name} ({_short(plan.path)}): {plan.description}".rstrip(": "))
+    for cell in cells:
+        state, run_dir = cell_state(cell)
+        counts[state] += 1
+        if state == "done":
+            print(f"skip   {cell.name}: done, {os.path.join(run_dir, SUMMARY_FILE)}")
+            continue
+        command = cell.fresh_command(args.python) if state == "run" else cell.resume_command(args.python, run_dir)
+        tasks.append(Task(cell, command, state))
+        if args.dry_run:
+            print(f"{state:<6} {cell.name}: {shlex.join(command)}")
+    print(f"{len(cells)} cells in {plan_dir}: {counts['run']} to run, {counts['resume']} to resume, "
+          f"{counts['done']} done" + (f"; {jobs} at a time" if tasks else ""))
+    if args.dry_run:
+        if gpus:
+            print(f"each run gets CUDA_VISIBLE_DEVICES set to one of {','.join(gpus)}")
+        print("dry run: nothing was started")
+        return 0
+    if args.max_cells is not None and len(tasks) > args.max_cells:
+        print(f"--max-cells {args.max_cells}: starting {args.max_cells} now, {len(tasks) - args.max_cells} left "
+              f"for a later call")
+        tasks = tasks[:args.max_cells]
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
+    try:
+        completed = run_cells(tasks, jobs, gpus, start)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    failed = [t for t in tasks if t.outcome == "failed"]
+    _write_results(plan_dir, cells, args.metric)
+    if failed:
+        print(f"\n{len(failed)} of {len(tasks)} started cell(s) failed:", file=sys.stderr)
+        for task in failed:
+            print(f"  {task.cell.name}: {task.detail}", file=sys.stderr)
+    print(f"total time {_clock(time.time() - start)}")
+    if not completed:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGINT
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return reproduce(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
