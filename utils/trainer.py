@@ -78,7 +78,7 @@ def evaluate(model: nn.Module, loader, device) -> tuple[float, float]:
 
 def resnet_memory_format(device: torch.device) -> torch.memory_format:
     """Layout of the teacher and the student during training: channels_last on the CPU, where oneDNN runs
-    their convolutions faster (README, Speed; the generator gains nothing from it)."""
+    their convolutions faster (docs/speed.md; the generator gains nothing from it)."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
