@@ -12,8 +12,8 @@ import functools
 import os
 from dataclasses import dataclass
 
-__all__ = ["DATASET_NAMES", "EARLIER_METHODS", "NETWORK_MODELS", "PUBLISHED_CSV", "Published", "bits_label",
-           "load_published", "paper_model"]
+__all__ = ["DATASET_NAMES", "EARLIER_METHODS", "NETWORK_MODELS", "PUBLISHED_CSV", "Published", "best_earlier",
+           "bits_label", "granq_claim", "load_published", "methods_table", "paper_model", "published_index"]
 
 PUBLISHED_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published_numbers.csv")
 
@@ -75,3 +75,45 @@ def bits_label(qw: int, qa: int) -> str:
     'W4A8'
     """
     return f"W{qw}A{qa}"
+
+
+def published_index() -> dict[tuple[str, str, str], list[Published]]:
+    """The published rows grouped by (dataset, model, bits), in the CSV's order."""
+    index: dict[tuple[str, str, str], list[Published]] = {}
+    for p in load_published():
+        index.setdefault((p.dataset, p.model, p.bits), []).append(p)
+    return index
+
+
+def best_earlier(rows) -> str:
+    """The best earlier method of ``rows`` (one cell) as ``AdaDFQ 84.89``; tied methods are all named;
+    ``–`` when none is published."""
+    earlier = [p for p in rows if p.method in EARLIER_METHODS]
+    if not earlier:
+        return "–"
+    best = max(p.top1 for p in earlier)
+    winners = [p for p in earlier if p.top1 == best]
+    return f"{', '.join(p.method for p in winners)} {winners[0].label()}"
+
+
+def granq_claim(rows) -> str:
+    """GranQ's published number for ``rows`` (one cell), ``–`` when there is none."""
+    return "; ".join(p.label() for p in rows if p.method == "GranQ") or "–"
+
+
+def methods_table(keys, heading: str = "Published top-1 (%)") -> list[str]:
+    """Markdown lines: every published number (each earlier method, then GranQ) of the cells ``keys``,
+    (dataset, model, bits) triples in the order given; cells with no number are left out."""
+    index = published_index()
+    methods = list(EARLIER_METHODS) + ["GranQ"]
+    lines = [f"### {heading}", "",
+             "| dataset | model | bits | " + " | ".join(methods) + " |", "|" + "---|" * (3 + len(methods))]
+    for dataset, model, bits in keys:
+        by_method = {p.method: p.label() for p in index.get((dataset, model, bits), [])}
+        if not by_method:
+            continue
+        lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {model} | {bits} | "
+                     + " | ".join(by_method.get(m, "–") for m in methods) + " |")
+    return lines + ["", "† re-run by AdaDFQ with the authors' code; ≈ about; > above (the paper states a lower "
+                        "bound); – not reported. GranQ: its abstract (per-cell tables are images only). Source: "
+                        "`utils/published_numbers.csv`."]

@@ -18,7 +18,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from .errors import UserError
-from .published import DATASET_NAMES, EARLIER_METHODS, bits_label, load_published, paper_model
+from .published import (
+    DATASET_NAMES,
+    EARLIER_METHODS,
+    best_earlier,
+    bits_label,
+    methods_table,
+    paper_model,
+    published_index,
+)
 
 __all__ = ["METRICS", "STANDARD_BITS", "find_summaries", "format_cell", "load_summaries", "mean_std",
            "results_markdown"]
@@ -113,19 +121,8 @@ def _teacher_name(summary: dict) -> str:
     return source if source in ("random", "unknown") else os.path.basename(source)
 
 
-def _published_index():
-    index = defaultdict(list)
-    for p in load_published():
-        index[(p.dataset, p.model, p.bits)].append(p)
-    return index
-
-
 def _paper_cell(published: list) -> str:
-    earlier = [p for p in published if p.method in EARLIER_METHODS]
-    parts = []
-    if earlier:
-        best = max(earlier, key=lambda p: p.top1)
-        parts.append(f"{best.method} {best.label()}")
+    parts = [best_earlier(published)] if any(p.method in EARLIER_METHODS for p in published) else []
     parts += [f"GranQ {p.label()}" for p in published if p.method == "GranQ"]
     return "; ".join(parts) or "–"
 
@@ -167,21 +164,6 @@ def _table(setting: _Setting, runs: list[dict], metric: str, published) -> list[
     return lines
 
 
-def _reference_table(keys, published) -> list[str]:
-    methods = list(EARLIER_METHODS) + ["GranQ"]
-    lines = ["### Published top-1 (%) for these rows", "",
-             "| dataset | model | bits | " + " | ".join(methods) + " |", "|" + "---|" * (3 + len(methods))]
-    for dataset, model, bits in sorted(keys):
-        by_method = {p.method: p.label() for p in published.get((dataset, model, bits), [])}
-        if not by_method:
-            continue
-        lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {model} | {bits} | "
-                     + " | ".join(by_method.get(m, "–") for m in methods) + " |")
-    return lines + ["", "† re-run by AdaDFQ with the authors' code; ≈ about; > above (the paper states a lower "
-                        "bound); – not reported. GranQ: its abstract (per-cell tables are images only). Source: "
-                        "`utils/published_numbers.csv`."]
-
-
 def results_markdown(summaries: list[dict], metric: str = "student_top1") -> str:
     """Markdown tables of ``summaries`` (from :func:`load_summaries`) for ``metric``."""
     if metric not in METRICS:
@@ -198,7 +180,7 @@ def results_markdown(summaries: list[dict], metric: str = "student_top1") -> str
     for s in usable:
         settings[_Setting(s["act_mode"], s["weight_granularity"], s.get("epochs", -1),
                           s.get("iters_per_epoch", -1))].append(s)
-    published = _published_index()
+    published = published_index()
     what = {"student_top1": "top-1 (%) of the student after the last epoch",
             "best_top1": "best top-1 (%) over the evaluated epochs (chosen on the test set, so optimistic)"}[metric]
     lines = [f"Metric: `{metric}`, {what}; mean ± sample standard deviation over runs (seeds), n = runs. "
@@ -209,4 +191,4 @@ def results_markdown(summaries: list[dict], metric: str = "student_top1") -> str
         for s in settings[setting]:
             for qw, qa in set(STANDARD_BITS) | {(s["qw"], s["qa"])}:
                 shown.add((s["dataset"], paper_model(s["network"]), bits_label(qw, qa)))
-    return "\n".join(lines + _reference_table(shown, published)) + "\n"
+    return "\n".join(lines + methods_table(sorted(shown), "Published top-1 (%) for these rows")) + "\n"

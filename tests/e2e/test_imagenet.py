@@ -174,7 +174,7 @@ def test_mobilenetv2_relu6_depthwise_pointwise_and_classifier(float_models):
 
     # With one range per (out, in) kernel (the official GranQ weights), a 3 x 3 depthwise kernel
     # is quantized, but a 1 x 1 kernel is a single value that its own range reproduces: pointwise
-    # convolutions and the classifier then stay in float, as README says.
+    # convolutions and the classifier then stay in float, as docs/imagenet.md says.
     kernel_wise = quantize_model(teacher, 3, 3, weight_granularity="kernel")
     dw = next(m for m in kernel_wise.modules() if isinstance(m, QuantConv2d) and m.groups == m.in_channels > 1)
     assert max(len(torch.unique(k)) for k in dw.quantized_weight().detach().flatten(1)) <= 2**3 < 9
