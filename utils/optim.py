@@ -1,22 +1,35 @@
 """The optimizers of the student and the generator, and their learning-rate schedules."""
 
+import math
+
 import torch
 
 __all__ = ["LR_POLICIES", "build_optimizers", "learning_rate"]
 
-LR_POLICIES = ("multi_step", "const")
+LR_POLICIES = ("multi_step", "const", "cosine")
 
 
-def learning_rate(base: float, policy: str, steps, decay: float, epoch: int) -> float:
-    """Learning rate of ``epoch`` (0-based): multi_step multiplies by ``decay`` at each step passed.
+def learning_rate(base: float, policy: str, steps, decay: float, epoch: int, iteration: int = 0,
+                  iters_per_epoch: int = 1, first_epoch: int = 0, epochs: int = 1) -> float:
+    """Learning rate at ``iteration`` of ``epoch`` (both 0-based).
+
+    ``multi_step`` multiplies ``base`` by ``decay`` at each epoch in ``steps`` passed; ``const`` keeps it;
+    ``cosine`` decays it per iteration from ``base`` at the start of ``first_epoch`` (the network's first
+    training epoch) to 0 at the end of epoch ``epochs``: base * (1 + cos(pi * t)) / 2, t the fraction done.
 
     >>> [learning_rate(1.0, "multi_step", [1, 2], 0.5, e) for e in range(3)]
     [1.0, 0.5, 0.25]
+    >>> [learning_rate(1.0, "cosine", [], 0.1, e, i, iters_per_epoch=2, epochs=2) for e in (0, 1) for i in (0, 1)]
+    [1.0, 0.8535533905932737, 0.5, 0.14644660940672627]
     """
     if policy == "const":
         return base
+    if policy == "cosine":
+        total = (epochs - first_epoch) * iters_per_epoch
+        done = (epoch - first_epoch) * iters_per_epoch + iteration
+        fraction = min(max(done / total, 0.0), 1.0) if total > 0 else 1.0
+        return base * (1 + math.cos(math.pi * fraction)) / 2
     return base * decay ** sum(epoch >= step for step in steps)
-
 
 def build_optimizers(options, student_params, generator_params) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """The student's optimizer (``opt_type``: Nesterov SGD or Adam) and the generator's Adam, as the official code."""

@@ -152,11 +152,15 @@ class Trainer:
         teacher_acc = (teacher_logits.argmax(dim=1) == labels).float().mean()
         return torch.stack([loss_G, marginal, onehot, bns, loss_S, teacher_acc]).detach()
 
-    def set_learning_rates(self, epoch: int) -> tuple[float, float]:
-        """Set both optimizers' learning rates for ``epoch`` (0-based); return (lr_S, lr_G)."""
+    def set_learning_rates(self, epoch: int, iteration: int = 0) -> tuple[float, float]:
+        """Set both optimizers' learning rates for ``iteration`` of ``epoch`` (0-based); return (lr_S, lr_G).
+
+        A cosine schedule runs over the epochs each network trains in: the student's starts after warm-up.
+        """
+        o = self.options
         rates = []
-        for net, optimizer in (("S", self.opt_S), ("G", self.opt_G)):
-            rates.append(learning_rate(*self.options.schedule(net), epoch))
+        for net, optimizer, first_epoch in (("S", self.opt_S, o.warmup_epochs), ("G", self.opt_G, 0)):
+            rates.append(learning_rate(*o.schedule(net), epoch, iteration, o.iters_per_epoch, first_epoch, o.nEpochs))
             for group in optimizer.param_groups:
                 group["lr"] = rates[-1]
         return tuple(rates)
@@ -164,7 +168,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         """Run epoch ``epoch`` from ``self.iteration`` on; return its metrics record (means of the losses)."""
         o = self.options
-        lr_S, lr_G = self.set_learning_rates(epoch)
+        lr_S, lr_G = self.set_learning_rates(epoch, self.iteration)
         set_act_tracking(self.student, epoch < o.act_range_epochs)
         self.generator.train()
         if self.iteration == 0 or self.history is None:
@@ -173,6 +177,7 @@ class Trainer:
         checked, started = self.iteration, time.time()
         single = not distributed.is_distributed()
         for it in range(self.iteration, o.iters_per_epoch):
+            self.set_learning_rates(epoch, it)  # constant within an epoch but for cosine schedules
             self.history[it] = self.step(train_student=epoch >= o.warmup_epochs)
             self.iteration = it + 1
             # Losses come back to the host once per interval. Under torchrun, ranks agree on stopping
@@ -281,13 +286,9 @@ class Trainer:
     def summary(self) -> dict:
         o = self.options
         return {
-            "teacher_top1": self.teacher_top1,
-            "teacher_top5": self.teacher_top5,
-            "student_top1": self.last_top1,
-            "student_top5": self.last_top5,
-            "best_top1": self.best_top1,
-            "best_top5": self.best_top5,
-            "epochs": self.epoch,
+            "teacher_top1": self.teacher_top1, "teacher_top5": self.teacher_top5,
+            "student_top1": self.last_top1, "student_top5": self.last_top5,
+            "best_top1": self.best_top1, "best_top5": self.best_top5, "epochs": self.epoch,
             **{key: getattr(o, key) for key in ("qw", "qa", "act_mode", "weight_granularity", "network", "dataset",
                                                 "batchSize", "iters_per_epoch")},
             "world_size": distributed.world_size(),

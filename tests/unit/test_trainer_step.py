@@ -104,3 +104,17 @@ def test_no_student_parameter_moves_during_warm_up(tmp_path):
     trainer.train_epoch(0)
     assert all(torch.equal(v, student0[k]) for k, v in trainer.student.state_dict().items())
     assert all(p.grad is None for p in trainer.student.parameters())
+
+
+def test_cosine_schedules_decay_per_iteration_over_each_networks_training(tmp_path):
+    trainer = make_trainer(tmp_path, "lrPolicy_S=cosine", "lrPolicy_G=cosine", "warmup_epochs=1", "nEpochs=3",
+                           "iters_per_epoch=2", "lr_S=0.4", "lr_G=0.8")
+    seen = []
+    trainer.step = lambda train_student=True: seen.append(
+        (trainer.opt_S.param_groups[0]["lr"], trainer.opt_G.param_groups[0]["lr"])) or torch.zeros(len(LOSS_NAMES))
+    for epoch in range(3):
+        trainer.train_epoch(epoch)
+    # The student trains 4 iterations (epochs 2-3), the generator 6: base * (1 + cos(pi * done / total)) / 2.
+    student = [0.4] * 2 + [0.4 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]
+    generator = [0.8 * (1 + math.cos(math.pi * k / 6)) / 2 for k in range(6)]
+    assert seen == pytest.approx(list(zip(student, generator)))
