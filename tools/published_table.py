@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from utils.config import load_options  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import UserError, report_errors  # noqa: E402
 from utils.published import (  # noqa: E402
     DATASET_NAMES,
     best_earlier,
@@ -108,17 +108,15 @@ def main(argv=None) -> int:
                         help="run directories or folders of runs whose summary.json fill the 'ours' column")
     parser.add_argument("--all", action="store_true", help="also print every earlier method's published number")
     args = parser.parse_args(argv)
-    try:
+
+    def command():
         results = ours(load_summaries(args.results)) if args.results else {}
         text = reproduce_table(results)
         if args.all:
             text += "\n" + "\n".join(methods_table(cells())) + "\n"
-    except (UserError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    sys.stdout.write(text)
-    return 0
+        sys.stdout.write(text)
 
+    return report_errors(command)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.errors import UserError  # noqa: E402
+from utils.errors import UserError, report_errors  # noqa: E402
 from utils.results import METRICS, load_summaries, results_markdown  # noqa: E402
 
 
@@ -24,7 +24,8 @@ def main(argv=None) -> int:
                         help="student_top1: after the last epoch (default); best_top1: best evaluated epoch")
     parser.add_argument("--output", metavar="FILE", help="also write the markdown to FILE")
     args = parser.parse_args(argv)
-    try:
+
+    def command():
         summaries = load_summaries(args.paths)
         if not summaries:
             raise UserError(f"no summary.json under {', '.join(args.paths)}: runs write it when they finish")
@@ -32,12 +33,9 @@ def main(argv=None) -> int:
         if args.output:
             with open(args.output, "w") as f:
                 f.write(text)
-    except (UserError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    sys.stdout.write(text)
-    return 0
+        sys.stdout.write(text)
 
+    return report_errors(command)
 
 if __name__ == "__main__":
     sys.exit(main())
