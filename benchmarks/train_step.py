@@ -1,10 +1,13 @@
 """Seconds per training iteration (generator step + student step) and peak memory of the shared trainer.
 
-    python benchmarks/train_step.py [--quick] [--json PATH] [--device cpu|cuda] [--profile]
+    python benchmarks/train_step.py [--quick] [--json PATH] [--device cpu|cuda] [--settings ...]
+                                    [--students ...] [--profile]
 
-Two settings, each with the official config: CIFAR-10 (ResNet-20, batch 16) and CIFAR-100 (ResNet-20,
-batch 200); teacher weights random (speed does not depend on them), student training on from the first
-iteration (warmup_epochs = 0) and layer-wise ranges tracked, as in the first epochs. Students:
+Settings, each with its official config: CIFAR-10 (ResNet-20, batch 16), CIFAR-100 (ResNet-20, batch 200),
+ImageNet ResNet-18 and ResNet-50 (224x224, batch 16); by default the two CIFAR settings on the CPU and all
+four on CUDA. Teacher weights random (speed does not depend on them), student training on from the first
+iteration (warmup_epochs = 0) and layer-wise ranges tracked, as in the first epochs. Students (all four
+by default, ``--students`` picks some; ``float`` is always measured, as the reference):
 
 - ``float``: an unquantized copy of the teacher (the floor: what any zero-shot QAT step costs here);
 - ``granq``: GranQ activations and kernel-wise weights through the default fast path (``granq_impl = auto``);
@@ -18,18 +21,18 @@ Models are laid out as the trainer lays them out (channels_last teacher and stud
 ``--memory-format contiguous`` measures the default layout instead.
 
 The iterations of the students alternate (one of each per round) so that a busy machine slows all of
-them alike; each figure is the median, warm-up excluded. Peak memory is measured afterwards in a fresh
-process per student that builds the trainer and runs 3 iterations: on CUDA the allocator's peak, on the
-CPU the peak resident set size (Python and torch included), each also as its rise above the figure once
-the models are built.
-The official GranQ code cannot run here; its figures, measured on the same kind of 2-core machine, are
-the reference for the speed-up (the issue's 0.21 s at batch 16, 3.1 s at batch 200).
+them alike; each figure is the median, warm-up excluded. Peak memory is measured afterwards, per student,
+on a trainer that builds and runs 3 iterations alone: on CUDA the allocator's peak
+(``torch.cuda.max_memory_allocated``, in this process once the other trainers are freed), on the CPU the
+peak resident set size of a fresh process (Python and torch included); each also as its rise above the
+figure once the models are built.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import re
@@ -48,15 +51,18 @@ sys.path.insert(0, ROOT)
 from benchmarks.common import describe, environment, finish, synchronize  # noqa: E402
 from quantization_utils import granq_path, set_act_tracking  # noqa: E402
 from utils.config import load_options  # noqa: E402
+from utils.devices import configure_backends  # noqa: E402
 from utils.models import build_teacher  # noqa: E402
 from utils.trainer import Trainer  # noqa: E402
 
 SETTINGS = {
     "cifar10": os.path.join(ROOT, "CIFAR", "cifar10_resnet20.hocon"),
     "cifar100": os.path.join(ROOT, "CIFAR", "cifar100_resnet20.hocon"),
+    "imagenet_res18": os.path.join(ROOT, "ImageNet", "imagenet_res18.hocon"),
+    "imagenet_res50": os.path.join(ROOT, "ImageNet", "imagenet_res50.hocon"),
 }
-# Seconds per iteration of the official GranQ CIFAR trainer on CPU, 2 cores (issue 4; not measured here).
-OFFICIAL_SECONDS = {"cifar10": 0.21, "cifar100": 3.1}
+# An ImageNet training iteration takes seconds on a few CPU cores: measured there only when asked for.
+CPU_SETTINGS = ("cifar10", "cifar100")
 STUDENTS = {"float": [], "granq": ["granq_impl=auto"], "granq eager": ["granq_impl=eager"],
             "layerwise": ["act_mode=layerwise"]}
 
@@ -132,7 +138,13 @@ def memory_worker(setting: str, student: str, device: torch.device, memory_forma
 
 
 def peak_memory(setting: str, student: str, args) -> dict:
-    """:func:`memory_worker` in a subprocess, so that no other student's memory is counted."""
+    """:func:`memory_worker` alone: on CUDA in this process, its other trainers freed first; on the CPU in a
+    subprocess, as the resident set size counts everything the process ever held."""
+    if args.device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return memory_worker(setting, student, torch.device("cuda"), args.memory_format)
     command = [sys.executable, os.path.abspath(__file__), "--memory-worker", setting, student,
                "--device", args.device, "--memory-format", args.memory_format, "--threads", str(args.threads)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -142,24 +154,24 @@ def peak_memory(setting: str, student: str, args) -> dict:
 
 
 def run_setting(setting: str, device: torch.device, args, run_dir: str) -> dict:
-    trainers = {name: make_trainer(setting, name, device, run_dir, args.memory_format) for name in STUDENTS}
+    trainers = {name: make_trainer(setting, name, device, run_dir, args.memory_format) for name in args.students}
     for trainer in trainers.values():
         for _ in range(args.warmup):  # compilation, allocator, caches
             trainer.step(train_student=True)
-    iterations = args.iters if args.iters else (args.iters_b16 if setting == "cifar10" else args.iters_b200)
+    batch = trainers["float"].options.batchSize
+    iterations = args.iters if args.iters else (args.iters_b16 if batch <= 16 else args.iters_b200)
     samples = {name: [] for name in trainers}
     for _ in range(iterations):
         for name, trainer in trainers.items():
             samples[name].append(timed_step(trainer, device))
     seconds = {name: statistics.median(values) for name, values in samples.items()}
-    batch = trainers["float"].options.batchSize
-    path = student_path("granq")  # after the timed iterations: what they ran
+    # after the timed iterations: what they ran (None where no GranQ student was measured)
+    path = student_path("granq") if "granq" in trainers else None
     del trainers, trainer  # free their memory before the memory workers run
-    memory = {name: peak_memory(setting, name, args) for name in STUDENTS} if args.memory else {}
+    memory = {name: peak_memory(setting, name, args) for name in args.students} if args.memory else {}
     return {"setting": setting, "batch": batch, "device": device.type, "iterations": iterations,
-            "memory_format": args.memory_format, "granq_path": path,
-            "seconds": seconds, "samples": samples, "memory": memory,
-            "official_seconds": OFFICIAL_SECONDS[setting] if device.type == "cpu" else None}
+            "memory_format": args.memory_format, "granq_path": path, "students": list(args.students),
+            "seconds": seconds, "samples": samples, "memory": memory}
 
 
 def profile_step(setting: str, student: str, device: torch.device, run_dir: str, rows: int) -> None:
@@ -179,45 +191,40 @@ def profile_step(setting: str, student: str, device: torch.device, run_dir: str,
 
 
 def print_table(results: list[dict]) -> None:
-    names = list(STUDENTS)
-    eager = [r for r in results if r["granq_path"] != "compiled"]
+    names = results[0]["students"]
+    eager = [r for r in results if "granq" in names and r["granq_path"] != "compiled"]
     labels = [f"{n}(eager)" if n == "granq" and eager else n for n in names]  # "granq" is the compiled path
-    print("\nseconds per iteration (median); peak memory of a process training only that student for 3 iterations")
-    print(f"{'setting':9} {'batch':>5} {'device':6} " + " ".join(f"{n:>12}" for n in labels)
-          + f" {'granq/float':>11} {'lw/float':>8} {'official':>8} {'speed-up':>8}")
+    others = [n for n in names if n != "float"]
+    print("\nseconds per iteration (median); peak memory of a trainer running only that student for 3 iterations")
+    print(f"{'setting':14} {'batch':>5} {'device':6} " + " ".join(f"{n:>12}" for n in labels)
+          + " ".join(f" {n + '/float':>15}" for n in others))
     for r in results:
         s = r["seconds"]
-        official = r["official_seconds"]
-        line = (f"{r['setting']:9} {r['batch']:5} {r['device']:6} " + " ".join(f"{s[n]:12.4f}" for n in names)
-                + f" {s['granq'] / s['float']:11.2f} {s['layerwise'] / s['float']:8.2f}")
-        line += f" {official:8.2f} {official / s['granq']:7.2f}x" if official else f" {'-':>8} {'-':>8}"
-        print(line)
+        print(f"{r['setting']:14} {r['batch']:5} {r['device']:6} " + " ".join(f"{s[n]:12.4f}" for n in names)
+              + " ".join(f" {s[n] / s['float']:15.2f}" for n in others))
         memory = r["memory"]
         if memory and all("peak_mib" in memory[n] for n in names):
-            print(f"{'':9} {'':5} {'peak':6} " + " ".join(f"{memory[n]['peak_mib']:12.0f}" for n in names)
+            print(f"{'':14} {'':5} {'peak':6} " + " ".join(f"{memory[n]['peak_mib']:12.0f}" for n in names)
                   + f"   MiB, {memory['float']['kind']}")
-            print(f"{'':9} {'':5} {'+built':6} " + " ".join(f"{memory[n]['above_built_mib']:12.0f}" for n in names)
+            print(f"{'':14} {'':5} {'+built':6} " + " ".join(f"{memory[n]['above_built_mib']:12.0f}" for n in names)
                   + "   MiB above the models built")
-    for r in eager:
-        print(f"  {r['setting']} {r['device']}: the granq student ran eager; granq_path = {r['granq_path']}")
-    print("\ntargets (one run):")
-    for r in results:
-        s = r["seconds"]
-        ratio = s["granq"] / s["float"]
-        label = "granq" if r["granq_path"] == "compiled" else "granq(eager)"
-        print(f"  {r['setting']} batch {r['batch']} {r['device']}: {label} / float student {ratio:.2f}x "
-              f"(target <= 1.3: {'met' if ratio <= 1.3 else 'NOT met'})")
-        if r["official_seconds"]:
-            speedup = r["official_seconds"] / s["granq"]
-            print(f"  {r['setting']} batch {r['batch']} {r['device']}: {label} {speedup:.2f}x faster than the official "
-                  f"code's {r['official_seconds']} s/iteration (figure from issue 4, not run here; target >= 1.5: "
-                  f"{'met' if speedup >= 1.5 else 'NOT met'})")
+    if "granq" in names:
+        print("\ngranq_path: " + "; ".join(f"{r['setting']}: {r['granq_path']}" for r in results))
+        print("\ntargets (one run):")
+        for r in results:
+            ratio = r["seconds"]["granq"] / r["seconds"]["float"]
+            label = "granq" if r["granq_path"] == "compiled" else "granq(eager)"
+            print(f"  {r['setting']} batch {r['batch']} {r['device']}: {label} / float student {ratio:.2f}x "
+                  f"(target <= 1.3: {'met' if ratio <= 1.3 else 'NOT met'})")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--settings", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=tuple(SETTINGS),
+                        help=f"default: {' '.join(CPU_SETTINGS)} on the CPU, all on CUDA")
+    parser.add_argument("--students", nargs="+", choices=tuple(STUDENTS), default=list(STUDENTS),
+                        help="students to measure (float is always added, as the reference)")
     parser.add_argument("--iters", type=int, default=0, help="timed iterations per student (default: 20 at "
                                                               "batch 16, 6 at batch 200; --quick 8 and 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per student first")
@@ -226,6 +233,8 @@ def main(argv=None) -> int:
                         help="trainer: the trainer's layout (channels_last teacher and student on the CPU); "
                              "contiguous: every model in the default layout, for comparison")
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="the flags of deterministic = true (default: those of false, as runs default to)")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of GranQ steps")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     parser.add_argument("--json", metavar="PATH", help="write the figures to this JSON file")
@@ -239,12 +248,13 @@ def main(argv=None) -> int:
     args.iters_b16, args.iters_b200 = (8, 3) if args.quick else (20, 6)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    args.settings = args.settings or list(CPU_SETTINGS if args.device == "cpu" else SETTINGS)
+    args.students = ["float"] + [name for name in dict.fromkeys(args.students) if name != "float"]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as utils.run does
-    env = environment([device])
+    backends = configure_backends(args.deterministic, device)  # as utils.run does
+    env = {**environment([device]), "backends": backends}
     print(describe(env), flush=True)
     started = time.time()
     results = []

@@ -6,6 +6,7 @@ from contextlib import redirect_stdout
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +33,21 @@ def make_image_folder(root, classes: int, per_class: int, size: int, seed: int =
             pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
     return str(root)
+
+
+@pytest.fixture(autouse=True)
+def restore_backend_flags():
+    """Runs set process-wide flags (utils.devices.configure_backends); later tests start from torch's own."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32,
+             matmul.allow_tf32, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    yield
+    torch.use_deterministic_algorithms(saved[0])
+    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved[1:5]
+    if saved[5] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[5]
 
 
 @pytest.fixture(scope="session")

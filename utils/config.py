@@ -45,6 +45,7 @@ class Options:
     nGPU: int = 1
     visible_devices: str = ""
     nThreads: int = 8  # data loader workers for evaluation
+    deterministic: bool = False  # true: the same --id gives the same run on CUDA too, slower (utils/devices.py)
     experimentID: str = "cifar10_3bit"
     nClasses: int = 10
     # Student optimisation

@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .devices import cuda_device
+
 __all__ = ["all_gather_objects", "all_reduce", "broadcast_object", "init_from_env", "is_distributed", "rank",
            "replica_checksums", "shutdown", "world_size", "wrap"]
 
@@ -27,13 +29,15 @@ def init_from_env(gpu: int = 0) -> torch.device:
     """Join the process group that torchrun describes in the environment; return this rank's device.
 
     NCCL when CUDA is available (one GPU per local rank), Gloo on CPU. Without torchrun (no
-    WORLD_SIZE, or 1) nothing is initialised and the device is GPU ``gpu`` or the CPU.
+    WORLD_SIZE, or 1) nothing is initialised and the device is GPU ``gpu`` or the CPU. A GPU index or
+    local rank without a GPU of that index is a :class:`~utils.errors.UserError`.
     """
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0")) if distributed else gpu
-        device = torch.device("cuda", local if local < torch.cuda.device_count() else 0)
-        torch.cuda.set_device(device)
+        if distributed:
+            device = cuda_device(int(os.environ.get("LOCAL_RANK", "0")), "LOCAL_RANK")
+        else:
+            device = cuda_device(gpu, "GPU")
     else:
         device = torch.device("cpu")
     if distributed and not is_distributed():

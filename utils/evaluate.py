@@ -9,11 +9,12 @@ import typing
 import torch
 import torch.nn as nn
 
-from quantization_utils import STUDENT_KEYS, rebuild_student
+from quantization_utils import STUDENT_KEYS, granq_path, rebuild_student
 
 from . import distributed
 from .config import options_from_dict, parse_override
 from .data import build_test_loader
+from .devices import configure_backends, cuda_device
 from .errors import UserError
 from .models import get_model_spec
 from .run_files import RunFileError, find_student_file, load_run_file
@@ -93,7 +94,9 @@ def evaluate_saved(path: str, data_path: str | None = None, overrides: typing.It
     equals the run's recorded ``student_top1``; pass ``.../best_student.pt`` for ``best_top1``.
     ``data_path`` replaces the recorded ``dataPath`` (a relative one is read from the current
     directory); ``overrides`` are ``key=value`` strings like ``--set`` (``test_batch_size``, ``nThreads``).
-    ``device`` defaults to CUDA when available, else the CPU.
+    ``device`` defaults to GPU ``GPU`` (the saved value, or ``--set GPU=N``) when CUDA is available, else the
+    CPU. The backend flags are set as the run's ``deterministic`` sets them (``--set deterministic=...``
+    changes that), so that a run made with ``deterministic = true`` is repeated exactly on CUDA too.
 
     Returns student_top1/5, the accuracy recorded in the file (``recorded_top1``), the model keys, the
     file's ``epoch`` field as written (``checkpoint.pt``: epochs finished), the checkpoint path and seed.
@@ -102,8 +105,12 @@ def evaluate_saved(path: str, data_path: str | None = None, overrides: typing.It
     record = load_run_file(file)
     student = _rebuild(record, file)
     options = _saved_options(record["options"], data_path, overrides)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    loader = build_test_loader(options)
+    if device is not None:
+        device = torch.device(device)
+    else:
+        device = cuda_device(options.GPU, "GPU") if torch.cuda.is_available() else torch.device("cpu")
+    backends = configure_backends(options.deterministic, device)
+    loader = build_test_loader(options, device)
     # The default layout, as the trainer evaluates: the run's own accuracy is repeated bit for bit.
     top1, top5 = evaluate(student.to(device), loader, device)
     # checkpoint.pt records its last evaluation as last_top1, best_student.pt its own as top1.
@@ -118,6 +125,8 @@ def evaluate_saved(path: str, data_path: str | None = None, overrides: typing.It
         "seed": record.get("meta", {}).get("seed"),
         "dataPath": options.dataPath,
         "device": str(device),
+        **backends,
+        "granq_path": granq_path(options.granq_impl),
     }
     logger.info("saved student %s (%s W%dA%d %s/%s): top-1 %.2f%%, top-5 %.2f%% (recorded %s)", file,
                 options.network, options.qw, options.qa, options.act_mode, options.weight_granularity, top1, top5,

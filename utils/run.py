@@ -20,9 +20,12 @@ import traceback
 import numpy as np
 import torch
 
+from quantization_utils import granq_path
+
 from . import distributed
 from .config import LEGACY_KEYS, load_options, options_from_dict
 from .data import build_test_loader
+from .devices import configure_backends
 from .errors import UserError
 from .evaluate import evaluate_saved
 from .models import build_teacher
@@ -133,14 +136,13 @@ def setup(args) -> Run:
         options = load_options(args.conf_path, args.set, qw=args.qw, qa=args.qa)
         run_id, seed = args.id, args.id + 1
     device = distributed.init_from_env(options.GPU)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    backends = configure_backends(options.deterministic, device)  # before the first CUDA computation
     # Every rank draws its own noise; DDP gives all of them rank 0's initial weights.
     seed_everything(seed + 1000 * distributed.rank())
 
     # Everything that can fail on bad input happens before the run directory exists.
     teacher, teacher_source = build_teacher(options.network, options.teacher_weights)
-    test_loader = build_test_loader(options)
+    test_loader = build_test_loader(options, device)
 
     run_dir = args.resume
     if run_dir is None:
@@ -154,7 +156,7 @@ def setup(args) -> Run:
     for key, reason in LEGACY_KEYS.items():
         logger.debug("config key %s has no effect: %s", key, reason)
     logger.info("run directory %s on %s (seed %d, %d process(es))", run_dir, device, seed, distributed.world_size())
-    meta = {"id": run_id, "seed": seed, "teacher_weights": teacher_source, "device": str(device)}
+    meta = {"id": run_id, "seed": seed, "teacher_weights": teacher_source, "device": str(device), **backends}
     trainer = Trainer(options, teacher, test_loader, device, run_dir, meta)
     if checkpoint is not None:
         try:
@@ -171,6 +173,8 @@ def run(args) -> dict:
     prepared = setup(args)
     try:
         summary = prepared.trainer.fit()
+        # Known only once the quantizers have run: whether they ran compiled, and if not, why.
+        summary["granq_path"] = granq_path(prepared.trainer.options.granq_impl)
         if distributed.rank() == 0:
             plot_run(prepared.run_dir)
             with open(os.path.join(prepared.run_dir, "summary.json"), "w") as f:

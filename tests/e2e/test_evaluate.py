@@ -60,7 +60,9 @@ def _teacher_labelled_run(root):
     args = tiny_run_args(os.path.join(root, "runs"), test_set, "--qw", "6", "--qa", "6",
                          "--set", f"teacher_weights={weights}", "--set", "nEpochs=2",
                          # a small step: the student trains, yet stays near its teacher
-                         "--set", "lr_S=1e-7")
+                         "--set", "lr_S=1e-7",
+                         # the saved student must repeat the run's accuracy exactly, on CUDA too
+                         "--set", "deterministic=true")
     code, lines = run_main(args)
     assert code == 0
     return last_json(lines), len(set(labels))

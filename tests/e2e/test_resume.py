@@ -16,9 +16,13 @@ from ..conftest import ROOT, last_json, run_main, tiny_run_args
 ACCURACY_KEYS = ("teacher_top1", "teacher_top5", "student_top1", "student_top5", "best_top1", "best_top5", "epochs")
 
 
+# Runs compared with each other are deterministic, so that the comparisons also hold on CUDA.
+DETERMINISTIC = ("--set", "deterministic=true")
+
+
 def resumable_args(save_path, data_path, *extra):
     return tiny_run_args(save_path, data_path, "--set", "nEpochs=3", "--set", "iters_per_epoch=5",
-                         "--set", "batchSize=24", "--set", "log_interval=1", *extra)
+                         "--set", "batchSize=24", "--set", "log_interval=1", *DETERMINISTIC, *extra)
 
 
 def metrics(run_dir):
@@ -100,8 +104,9 @@ def test_mid_epoch_stop_then_resume_is_bit_identical(tmp_path, cifar_folder, mon
 
 
 def test_same_id_gives_the_same_summary(tmp_path, cifar_folder):
-    first = last_json(run_main(tiny_run_args(tmp_path / "a", cifar_folder, "--set", "nEpochs=2"))[1])
-    second = last_json(run_main(tiny_run_args(tmp_path / "b", cifar_folder, "--set", "nEpochs=2"))[1])
+    first = last_json(run_main(tiny_run_args(tmp_path / "a", cifar_folder, "--set", "nEpochs=2", *DETERMINISTIC))[1])
+    second = last_json(run_main(tiny_run_args(tmp_path / "b", cifar_folder, "--set", "nEpochs=2", *DETERMINISTIC))[1])
+    assert first["deterministic"] and second["deterministic"]
     assert {k: first[k] for k in ACCURACY_KEYS} == {k: second[k] for k in ACCURACY_KEYS}
     assert without_timings(metrics(first["run_dir"])) == without_timings(metrics(second["run_dir"]))
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from utils.config import load_options
-from utils.data import build_test_loader, find_image_folder, normalization
+from utils.data import PREFETCH_BATCHES, build_test_loader, find_image_folder, normalization
 from utils.errors import UserError
 
 from ..conftest import CIFAR10_CONF, CIFAR10_JPEG, make_image_folder, needs_shared_data
@@ -59,3 +59,21 @@ def test_shared_cifar10_jpeg_set():
     assert len(loader.dataset) == 10000
     assert loader.dataset.classes[:3] == ["airplane", "automobile", "bird"]
     assert isinstance(next(iter(loader))[0], torch.Tensor)
+
+
+def test_workers_persist_and_prefetch(cifar_folder, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    loader = build_test_loader(options(cifar_folder, "nThreads=8"), torch.device("cpu"))
+    assert loader.num_workers == 2  # at most one per CPU
+    assert loader.persistent_workers and loader.prefetch_factor == PREFETCH_BATCHES
+    assert not loader.pin_memory
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and labels.tolist() == [0, 0, 1, 1]
+    without_workers = build_test_loader(options(cifar_folder), torch.device("cpu"))
+    assert without_workers.num_workers == 0 and not without_workers.persistent_workers
+
+
+def test_batches_are_pinned_for_cuda_only(cifar_folder):
+    # A device object is only a name: nothing runs on CUDA here.
+    assert build_test_loader(options(cifar_folder), torch.device("cuda", 0)).pin_memory
+    assert not build_test_loader(options(cifar_folder), torch.device("cpu")).pin_memory

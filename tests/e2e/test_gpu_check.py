@@ -1,0 +1,33 @@
+"""SLOW (minutes): ``benchmarks/gpu_check.sh --device cpu --quick``, the whole GPU check with every step small,
+on the CPU. About 2 minutes on an idle 2-core machine, longer on a busy one; ``-m "not slow"`` leaves it out."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from ..conftest import ROOT
+
+STEPS = ("exactness", "cli", "cli_compiled", "train_step", "quantizer_speed", "eval_throughput")
+FILES = ("exactness_probe", "cli_run", "cli_run_compiled", "train_step", "quantizer_speed", "eval_throughput")
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
+    env = {**os.environ, "RESULTS_DIR": str(tmp_path)}
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--device", "cpu", "--quick"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.rstrip().endswith("all steps passed")
+    with open(tmp_path / "gpu_check_quick_cpu.json") as f:
+        steps = {step["step"]: step for step in json.load(f)["steps"]}
+    assert tuple(steps) == STEPS and all(step["status"] == "ok" for step in steps.values())
+    for name in FILES:  # quick figures never replace full ones: their own names
+        assert (tmp_path / f"{name}_quick_cpu.json").is_file(), name
+    for name in ("cli", "cli_compiled"):
+        assert steps[name]["eval_top1"] == steps[name]["student_top1"]
+    assert steps["cli_compiled"]["granq_path"] == "compiled"
+    assert steps["cli"]["tf32"] == {"conv": False, "matmul": False}
+    assert set(steps["eval_throughput"]["images_per_s"]) == {"loader", "float", "granq"}
+    assert (tmp_path / "gpu_check_quick_cpu.log").stat().st_size > 0

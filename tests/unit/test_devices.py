@@ -1,0 +1,101 @@
+"""Device selection and backend flags, on any machine: CUDA's presence is faked, no CUDA function runs."""
+
+import os
+
+import pytest
+import torch
+
+import utils.distributed as distributed
+from utils.devices import CUBLAS_WORKSPACE, backend_flags, configure_backends, cuda_device
+from utils.errors import UserError
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """Pretend ``count`` GPUs are visible; record the devices made current instead of touching CUDA."""
+    current = []
+
+    def install(count: int) -> list:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "set_device", current.append)
+        return current
+
+    return install
+
+
+def test_a_visible_gpu_becomes_the_current_device(fake_gpus):
+    current = fake_gpus(2)
+    assert cuda_device(1, "GPU") == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("index", [2, 5, -1])
+def test_a_gpu_index_that_is_not_there_is_an_error(fake_gpus, index, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4")
+    current = fake_gpus(2)
+    with pytest.raises(UserError, match=rf"^GPU = {index} but 2 GPU\(s\) are visible \(CUDA_VISIBLE_DEVICES=3,4\); "
+                                        r"set GPU to one of 0..1"):
+        cuda_device(index, "GPU")
+    assert current == []
+
+
+def test_single_process_uses_the_gpu_key(fake_gpus, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "7")  # ignored without torchrun
+    fake_gpus(4)
+    assert distributed.init_from_env(3) == torch.device("cuda", 3)
+    with pytest.raises(UserError, match=r"GPU = 4 but 4 GPU\(s\) are visible"):
+        distributed.init_from_env(4)
+
+
+def test_a_local_rank_without_its_gpu_is_an_error(fake_gpus, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda *a, **k: pytest.fail("the process group must not start on a missing GPU"))
+    current = fake_gpus(2)
+    with pytest.raises(UserError, match=r"LOCAL_RANK = 2 but 2 GPU\(s\) are visible .*--nproc_per_node 2"):
+        distributed.init_from_env(0)
+    assert current == []
+
+
+def test_without_cuda_the_gpu_key_is_ignored(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.init_from_env(5) == torch.device("cpu")
+
+
+def test_deterministic_mode_sets_every_flag(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as a user may set them
+    torch.backends.cudnn.benchmark = True
+    flags = configure_backends(True, CUDA)
+    assert flags == {"deterministic": True, "cudnn_benchmark": False, "tf32": {"conv": False, "matmul": False}}
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert not torch.backends.cudnn.benchmark
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+
+
+def test_deterministic_mode_keeps_a_cublas_setting_given(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    configure_backends(True, CUDA)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_default_mode_restores_speed_after_a_deterministic_run():
+    configure_backends(True, CUDA)
+    flags = configure_backends(False, CUDA)
+    # torch's defaults: TF32 in cuDNN convolutions, not in matrix products
+    assert flags == {"deterministic": False, "cudnn_benchmark": True, "tf32": {"conv": True, "matmul": False}}
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+
+
+def test_the_cpu_reports_no_cudnn_and_no_tf32():
+    configure_backends(False, CUDA)  # flags left on by a CUDA run in the same process
+    assert backend_flags(torch.device("cpu")) == {"deterministic": False, "cudnn_benchmark": False,
+                                                  "tf32": {"conv": False, "matmul": False}}
+    assert configure_backends(True, torch.device("cpu"))["deterministic"] is True
