@@ -7,6 +7,8 @@ For every distinct input shape of a QuantAct (ResNet-20 at 32x32, batch 16 and 2
 batch 16) it times, forward only (no autograd, as in evaluation) and forward + backward (as in training):
 
 - ``layerwise eager`` / ``layerwise fast``: one given range for the tensor (GDFQ), eager and compiled;
+- ``channel eager``: one given range per channel, shared by all samples (``act_mode = channel``; training
+  runs it eager, so there is no compiled column);
 - ``granq eager`` / ``granq fast``: one range per (sample, channel), eager and the fast path training uses;
 - ``channel loop``: the same values with a Python loop over channels;
 - ``torch per-channel``: ``torch.fake_quantize_per_channel_affine`` on the [N*C, H*W] rows, ranges included.
@@ -34,6 +36,7 @@ from benchmarks.common import describe, environment, finish, synchronize  # noqa
 from quantization_utils import QuantAct, quantize_model  # noqa: E402
 from quantization_utils.functional import (  # noqa: E402
     StraightThrough,
+    channel_fake_quant,
     channel_loop_fake_quant,
     fake_quantize,
     granq_fake_quant,
@@ -46,7 +49,8 @@ from utils.models import get_model_spec  # noqa: E402
 
 # (network, image size, batch sizes)
 WORKLOADS = (("resnet20_cifar10", 32, (16, 200)), ("resnet18", 224, (16,)))
-METHODS = ("layerwise eager", "layerwise fast", "granq eager", "granq fast", "channel loop", "torch per-channel")
+METHODS = ("layerwise eager", "layerwise fast", "channel eager", "granq eager", "granq fast", "channel loop",
+           "torch per-channel")
 MODES = ("fwd", "fwd+bwd")
 # The trainer keeps the students' activations channels_last on the CPU (utils/trainer.py, resnet_memory_format).
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -92,12 +96,14 @@ def torch_per_channel(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class Quantizers:
-    """The six methods as ``f(x) -> y`` for one bit-width; the fast paths are compiled once, verified."""
+    """The seven methods as ``f(x) -> y`` for one bit-width; the fast paths are compiled once, verified."""
 
     def __init__(self, bits: int, device: torch.device):
         self.bits = bits
+        self.device = device
         self.x_min = torch.zeros((), device=device)
         self.x_max = torch.full((), 3.0, device=device)
+        self.channel_ranges = {}  # channels -> the given per-channel range, [0, 3] in every channel
         self.granq_fast = CompiledGranQ(strict=True)
         self.fast_failure = None  # where torch.compile does not work, the "fast" methods are left out
         try:
@@ -125,11 +131,18 @@ class Quantizers:
     def layerwise_fast(self, x):
         return StraightThrough.apply(x, self._layerwise_values, self.bits)
 
+    def channel_eager(self, x):
+        channels = x.shape[1]
+        if channels not in self.channel_ranges:
+            self.channel_ranges[channels] = (self.x_min.expand(channels).clone(), self.x_max.expand(channels).clone())
+        return channel_fake_quant(x, self.bits, *self.channel_ranges[channels])
+
     def methods(self) -> dict:
         b = self.bits
         methods = {
             "layerwise eager": lambda x: layerwise_fake_quant(x, b, self.x_min, self.x_max),
             "layerwise fast": self.layerwise_fast,
+            "channel eager": self.channel_eager,
             "granq eager": lambda x: granq_fake_quant(x, b),
             "granq fast": lambda x: self.granq_fast(x, b),
             "channel loop": lambda x: channel_loop_fake_quant(x, b),
@@ -235,7 +248,8 @@ def ratios(row: dict) -> dict | None:
 
 
 def print_table(rows: list[dict]) -> None:
-    short = {"layerwise eager": "lw eager", "layerwise fast": "lw fast", "granq eager": "granq eager",
+    short = {"layerwise eager": "lw eager", "layerwise fast": "lw fast", "channel eager": "ch eager",
+             "granq eager": "granq eager",
              "granq fast": "granq fast", "channel loop": "ch. loop", "torch per-channel": "torch op"}
     for mode in MODES:
         print(f"\n{mode}: milliseconds per call (median)")

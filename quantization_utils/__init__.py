@@ -1,7 +1,9 @@
 """Fake quantization for zero-shot QAT: GranQ's per-(sample, channel) activation quantizer and baselines."""
 
+from .act_quantizers import ACT_QUANTIZERS, ActQuantizer, act_quantizer_names, register_act_quantizer
 from .functional import (
     StraightThrough,
+    channel_fake_quant,
     channel_loop_fake_quant,
     check_bits,
     fake_quantize,
@@ -16,6 +18,8 @@ from .quantize import STUDENT_KEYS, count_modules, quantize_model, rebuild_stude
 
 __all__ = [
     "ACT_MODES",
+    "ACT_QUANTIZERS",
+    "ActQuantizer",
     "CompiledGranQ",
     "GRANQ_IMPLS",
     "QuantAct",
@@ -24,6 +28,8 @@ __all__ = [
     "STUDENT_KEYS",
     "StraightThrough",
     "WeightQuant",
+    "act_quantizer_names",
+    "channel_fake_quant",
     "channel_loop_fake_quant",
     "check_bits",
     "count_modules",
@@ -35,6 +41,7 @@ __all__ = [
     "quant_params",
     "quantize_model",
     "rebuild_student",
+    "register_act_quantizer",
     "set_act_tracking",
     "weight_fake_quant",
     "weight_function",

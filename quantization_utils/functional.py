@@ -17,6 +17,8 @@ The quantizers differ only in which elements share a range:
 - :func:`channel_loop_fake_quant`: the same values, one Python iteration per channel (the conventional
   per-channel implementation; kept as a speed baseline and a test oracle).
 - :func:`layerwise_fake_quant`: one range for the whole tensor, given by the caller (GDFQ family).
+- :func:`channel_fake_quant`: one range per channel, shared by every sample, given by the caller
+  (the conventional channel-wise activation quantizer); :func:`channel_range` is its batch range.
 - :func:`weight_fake_quant`: one range per (out, in) kernel or per output channel of a weight.
 
 :func:`per_row_values` gives the same values without a gradient rule, through :func:`grouped_values`,
@@ -35,7 +37,9 @@ __all__ = [
     "MIN_BITS",
     "WEIGHT_GRANULARITIES",
     "StraightThrough",
+    "channel_fake_quant",
     "channel_loop_fake_quant",
+    "channel_range",
     "check_bits",
     "fake_quantize",
     "granq_fake_quant",
@@ -227,6 +231,39 @@ def layerwise_fake_quant(x: torch.Tensor, bits: int, x_min, x_max) -> torch.Tens
     x_min = torch.as_tensor(x_min, dtype=x.dtype, device=x.device)
     x_max = torch.as_tensor(x_max, dtype=x.dtype, device=x.device)
     scale, zero_point = quant_params(x_min, x_max, bits)
+    return StraightThrough.apply(x, fake_quantize, scale, zero_point, bits)
+
+
+def channel_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (min, max) of each channel of ``x`` over the batch: over N, H, W of [N, C, H, W], over N of [N, C].
+
+    >>> lo, hi = channel_range(torch.tensor([[0.5, -2.0], [1.5, 4.0]]))
+    >>> lo.tolist(), hi.tolist()
+    ([0.5, -2.0], [1.5, 4.0])
+    """
+    if x.dim() < 2:
+        raise ValueError(f"expected an activation of shape [N, C, ...], got shape {tuple(x.shape)}")
+    dims = (0, *range(2, x.dim()))
+    return torch.amin(x, dim=dims), torch.amax(x, dim=dims)
+
+
+def channel_fake_quant(x: torch.Tensor, bits: int, x_min: torch.Tensor, x_max: torch.Tensor) -> torch.Tensor:
+    """One range [x_min[c], x_max[c]] per channel c (dimension 1), shared by all samples; values outside saturate.
+
+    For x of shape [N, C, H, W] (or [N, C]) and ranges of shape [C], element x[n, c, h, w] gets the grid of
+    [x_min[c], x_max[c]]: y = (clamp(round(s_c * x - z_c), -2**(b-1), 2**(b-1) - 1) + z_c) / s_c.
+    Gradient: straight-through (also for saturated values, as :func:`layerwise_fake_quant`).
+
+    >>> x = torch.tensor([[0.4, 14.0], [2.6, 30.0], [9.0, -5.0]])  # 3 samples, 2 channels
+    >>> channel_fake_quant(x, 2, torch.tensor([0.0, 0.0]), torch.tensor([3.0, 30.0])).tolist()
+    [[0.0, 10.0], [3.0, 30.0], [3.0, 0.0]]
+    """
+    check_bits(bits)
+    if x.dim() < 2 or x_min.shape != (x.shape[1],) or x_max.shape != (x.shape[1],):
+        raise ValueError(f"expected an activation [N, C, ...] and ranges of shape [C]; got {tuple(x.shape)}, "
+                         f"{tuple(x_min.shape)} and {tuple(x_max.shape)}")
+    range_shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    scale, zero_point = quant_params(x_min.to(x.dtype).view(range_shape), x_max.to(x.dtype).view(range_shape), bits)
     return StraightThrough.apply(x, fake_quantize, scale, zero_point, bits)
 
 

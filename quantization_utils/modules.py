@@ -8,16 +8,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import (
-    WEIGHT_GRANULARITIES,
-    check_bits,
-    layerwise_fake_quant,
-)
+from .act_quantizers import act_quantizer_names, make_act_quantizer
+from .functional import WEIGHT_GRANULARITIES, check_bits
 from .fused import granq_function, weight_function
 
 __all__ = ["ACT_MODES", "QuantAct", "QuantConv2d", "QuantLinear", "WeightQuant"]
 
-ACT_MODES = ("granq", "layerwise")
+# The built-in activation quantizers; act_quantizer_names() also lists those registered later.
+ACT_MODES = act_quantizer_names()
 
 
 @dataclass(frozen=True)
@@ -104,59 +102,47 @@ class QuantLinear(_QuantWeightLayer, nn.Linear):
 
 
 class QuantAct(nn.Module):
-    """Activation fake-quantizer.
+    """Activation fake-quantizer: holds the settings and state, and calls the quantizer registered as ``mode``.
 
-    ``mode="granq"``: one range per (sample, channel), computed from the activation itself.
-    ``mode="layerwise"``: one range per layer, an exponential moving average (``momentum``) of the
-    batch min and max, bias-corrected, updated while tracking (``unfix()``) and frozen by ``fix()``.
-    Until the first tracked batch the layer-wise range is empty and the output is meaningless, so
-    layer-wise ranges must be calibrated before use.
+    ``mode`` names an entry of :data:`.act_quantizers.ACT_QUANTIZERS`: ``"granq"`` (one range per
+    (sample, channel), from the activation itself), ``"layerwise"`` (one tracked range per layer) or
+    ``"channel"`` (one tracked range per channel), or any quantizer registered with
+    :func:`.act_quantizers.register_act_quantizer`. Tracked ranges (``tracks_ranges``) are a bias-corrected
+    exponential moving average (``momentum``) of the batch ranges, updated while tracking (``unfix()``) and
+    frozen by ``fix()``; until the first tracked batch they are empty, so they must be calibrated before use.
     ``granq_impl`` picks the GranQ implementation (:func:`.fused.granq_function`): all give the same values.
     """
 
     def __init__(self, bits: int, mode: str = "granq", momentum: float = 0.9, granq_impl: str = "auto"):
         super().__init__()
-        if mode not in ACT_MODES:
-            raise ValueError(f"act_mode must be one of {ACT_MODES}, got {mode!r}")
+        self.quantizer = make_act_quantizer(mode)
         self.bits = check_bits(bits)
         self.mode = mode
         self.momentum = momentum
         self.tracking = True
         self.granq_impl = granq_impl
         self.granq_fn = granq_function(granq_impl)
-        if mode == "layerwise":
-            # Raw moving averages and momentum**steps; the range used is their bias-corrected ratio.
-            self.register_buffer("running_min", torch.zeros(()))
-            self.register_buffer("running_max", torch.zeros(()))
-            self.register_buffer("momentum_power", torch.ones(()))
-            self.register_buffer("x_min", torch.zeros(()))
-            self.register_buffer("x_max", torch.zeros(()))
+        self.quantizer.init_state(self)
+
+    @property
+    def tracks_ranges(self) -> bool:
+        """Whether the quantizer tracks ranges that must be calibrated before use."""
+        return self.quantizer.tracks_ranges
 
     def fix(self) -> None:
-        """Freeze the layer-wise range."""
+        """Freeze the tracked ranges (no effect on quantizers without them)."""
         self.tracking = False
 
     def unfix(self) -> None:
-        """Track the layer-wise range on every forward."""
+        """Track the ranges on every forward (no effect on quantizers without them)."""
         self.tracking = True
 
-    @torch.no_grad()
-    def _track(self, x: torch.Tensor) -> None:
-        lo, hi = torch.aminmax(x.detach())
-        self.running_min.mul_(self.momentum).add_(lo.to(self.running_min.dtype), alpha=1 - self.momentum)
-        self.running_max.mul_(self.momentum).add_(hi.to(self.running_max.dtype), alpha=1 - self.momentum)
-        self.momentum_power.mul_(self.momentum)
-        correction = 1 - self.momentum_power
-        torch.div(self.running_min, correction, out=self.x_min)
-        torch.div(self.running_max, correction, out=self.x_max)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.quantizer.load_state(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "granq":
-            return self.granq_fn(x, self.bits)
-        if self.tracking:
-            self._track(x)
-        return layerwise_fake_quant(x, self.bits, self.x_min, self.x_max)
+        return self.quantizer(self, x)
 
     def extra_repr(self) -> str:
-        impl = f", granq_impl={self.granq_impl}" if self.mode == "granq" else ""
-        return f"bits={self.bits}, mode={self.mode}{impl}"
+        return f"bits={self.bits}, mode={self.mode}{self.quantizer.extra_repr(self)}"

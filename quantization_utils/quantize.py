@@ -59,8 +59,9 @@ def rebuild_student(float_model: nn.Module, options: dict, state_dict: dict) -> 
 
     ``float_model`` has the student's float architecture (its weights are replaced); ``options`` are the
     run's options as a dict, of which ``qw``, ``qa``, ``act_mode``, ``weight_granularity`` and, where
-    present, ``granq_impl`` are used. Layer-wise activation ranges come from ``state_dict`` and are
-    frozen, as the trainer freezes them for evaluation. Raises ValueError when something does not fit.
+    present, ``granq_impl`` are used. Tracked activation ranges (layer-wise, channel-wise) come from
+    ``state_dict`` and are frozen, as the trainer freezes them for evaluation. Raises ValueError when something
+    does not fit.
     """
     missing = [key for key in STUDENT_KEYS if key not in options]
     if missing:
@@ -80,7 +81,7 @@ def rebuild_student(float_model: nn.Module, options: dict, state_dict: dict) -> 
 
 
 def set_act_tracking(model: nn.Module, tracking: bool) -> None:
-    """Unfreeze (``True``) or freeze (``False``) the layer-wise activation ranges of ``model``."""
+    """Unfreeze (``True``) or freeze (``False``) the tracked activation ranges of ``model``."""
 
     def apply(module: nn.Module) -> None:
         if isinstance(module, QuantAct):

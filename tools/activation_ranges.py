@@ -1,4 +1,5 @@
-"""Per-layer, per-channel activation ranges of a teacher and the error of layer-wise versus GranQ quantization.
+"""Per-layer, per-channel activation ranges of a teacher and the error of layer-wise, channel-wise and GranQ
+quantization (the act_modes ``layerwise``, ``channel`` and ``granq``).
 
     python tools/activation_ranges.py --conf_path CIFAR/cifar10_resnet20.hocon [--set key=value ...]
         [--source real|generator|noise] [--run RUN_DIR] [--bits 4] [--batch-size 64] [--output-dir DIR]

@@ -5,11 +5,13 @@ range per layer wastes most of the grid on the widest channels and the narrow on
 levels. This module measures that at every position where the student gets a QuantAct (the output of
 each ReLU / ReLU6), from forward hooks registered by module name on the float teacher.
 
-Quantizers compared, all at the same bit-width and asymmetric grid:
+Quantizers compared, all at the same bit-width and asymmetric grid, named as the ``act_mode`` that
+quantizes the student's activations that way:
 
 - ``layerwise``: one (min, max) for the whole batch of the layer (GDFQ; the student's moving average
   of batch ranges equals this on a single batch);
-- ``channel``: one (min, max) per channel over the batch (conventional per-channel);
+- ``channel``: one (min, max) per channel over the batch (conventional channel-wise; likewise its
+  moving average on a single batch);
 - ``granq``: one (min, max) per (sample, channel) (GranQ).
 
 The error is the relative squared error ``||Q(x) - x||^2 / ||x||^2`` over the batch.
@@ -25,8 +27,8 @@ import torch.nn as nn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from quantization_utils import granq_fake_quant, layerwise_fake_quant
-from quantization_utils.functional import per_row_fake_quant
+from quantization_utils import channel_fake_quant, granq_fake_quant, layerwise_fake_quant
+from quantization_utils.functional import channel_range
 from quantization_utils.quantize import ACTIVATIONS
 
 __all__ = ["QUANTIZERS", "LayerStats", "activation_stats", "measure_activation_ranges", "stats_table",
@@ -76,11 +78,9 @@ def activation_stats(x: torch.Tensor, bits: int, name: str = "") -> LayerStats:
     rows = x.reshape(x.shape[0], x.shape[1], -1)
     lo, hi = torch.aminmax(rows, dim=2)  # per (sample, channel)
     channel_ranges = hi.amax(dim=0) - lo.amin(dim=0)
-    # One range per channel over the batch: move channels first, then one row per channel.
-    per_channel = per_row_fake_quant(x.transpose(0, 1).contiguous(), bits, leading_dims=1).transpose(0, 1)
-    quantized = {
+    quantized = {  # each with the ranges of this batch, as the student's QuantAct after one tracked batch
         "layerwise": layerwise_fake_quant(x, bits, x.min(), x.max()),
-        "channel": per_channel,
+        "channel": channel_fake_quant(x, bits, *channel_range(x)),
         "granq": granq_fake_quant(x, bits),  # exactly what the student's QuantAct computes
     }
     return LayerStats(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from pyhocon import ConfigFactory, HOCONConverter
 
-from quantization_utils import ACT_MODES, GRANQ_IMPLS
+from quantization_utils import GRANQ_IMPLS, act_quantizer_names
 from quantization_utils.functional import MAX_BITS, MIN_BITS, WEIGHT_GRANULARITIES
 
 from .errors import ConfigError
@@ -70,7 +70,7 @@ class Options:
     qa: int = 3
     act_mode: str = "granq"
     weight_granularity: str = "kernel"
-    act_range_epochs: int = 4  # layer-wise ranges are tracked during these first epochs, then frozen
+    act_range_epochs: int = 4  # layerwise / channel ranges are tracked during these first epochs, then frozen
     granq_impl: str = "auto"  # auto: compiled where torch.compile works, else eager
     # Generator losses
     alpha_ds: float = 0.2
@@ -109,7 +109,7 @@ class Options:
                 raise ConfigError(f"{key} = {value} is out of range: bit-widths from {MIN_BITS} to {MAX_BITS} "
                                   f"are supported")
         _choice(self, "dataset", tuple(DATASET_CLASSES))
-        _choice(self, "act_mode", ACT_MODES)
+        _choice(self, "act_mode", act_quantizer_names())
         _choice(self, "weight_granularity", WEIGHT_GRANULARITIES)
         for net in NETWORKS:
             _choice(self, f"lrPolicy_{net}", LR_POLICIES)

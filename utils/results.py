@@ -37,7 +37,8 @@ METRICS = ("student_top1", "best_top1")
 STANDARD_BITS = ((3, 3), (4, 4), (5, 5))
 SUMMARY_FILE = "summary.json"
 
-ACT_MODE_TEXT = {"granq": "one range per (sample, channel), GranQ", "layerwise": "one range per layer, GDFQ family"}
+ACT_MODE_TEXT = {"granq": "one range per (sample, channel), GranQ", "layerwise": "one range per layer, GDFQ family",
+                 "channel": "one range per channel, shared by all samples"}
 GRANULARITY_TEXT = {
     "kernel": "one range per (out, in) kernel, as GranQ's published numbers; the earlier methods quantize "
               "per output channel",

@@ -203,11 +203,12 @@ class Trainer:
             f"{self.stop.name} received: stopped at epoch {epoch + 1}, iteration {self.iteration}; checkpoint "
             f"written to {path}. Resume with: python {sys.argv[0]} --resume {self.run_dir}", self.stop.signum)
 
-    def calibrate_layerwise_ranges(self) -> None:
-        """Fill layer-wise activation ranges from generator images (for runs without training)."""
-        if not any(isinstance(m, QuantAct) and m.mode == "layerwise" for m in self.student.modules()):
+    def calibrate_act_ranges(self) -> None:
+        """Fill tracked activation ranges (layer-wise, channel-wise) from generator images (runs without training)."""
+        if not any(isinstance(m, QuantAct) and m.tracks_ranges for m in self.student.modules()):
             return
-        logger.info("calibrating layer-wise activation ranges on %d generated batches", self.options.iters_per_epoch)
+        logger.info("calibrating %s activation ranges on %d generated batches", self.options.act_mode,
+                    self.options.iters_per_epoch)
         set_act_tracking(self.student, True)
         with torch.no_grad():
             for _ in range(self.options.iters_per_epoch):
@@ -251,7 +252,7 @@ class Trainer:
                     logger.info("teacher %s: top-1 %.2f%%, top-5 %.2f%%", o.network, self.teacher_top1,
                                 self.teacher_top5)
                 if o.nEpochs == 0:
-                    self.calibrate_layerwise_ranges()
+                    self.calibrate_act_ranges()
                     self._evaluate_student(epochs_done=0)
                     logger.info("student W%dA%d (%s, no training): top-1 %.2f%%, top-5 %.2f%%",
                                 o.qw, o.qa, o.act_mode, self.last_top1, self.last_top5)

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from ..conftest import ROOT, tiny_run_args
 
 
@@ -24,3 +26,23 @@ def test_torchrun_two_processes_on_cpu(tmp_path, cifar_folder):
         assert json.load(f) == summary
     with open(os.path.join(save_path, run_dir, "metrics.jsonl")) as f:
         assert len(f.readlines()) == 1
+
+
+@pytest.mark.parametrize("act_mode, sets", [
+    ("layerwise", ["nEpochs=0"]),  # post-training: ranges calibrated without gradients
+    ("layerwise", ["nEpochs=1", "warmup_epochs=1"]),  # ends inside warm-up: ranges tracked under no_sync
+    ("channel", ["nEpochs=0"]),
+])
+def test_torchrun_tracked_ranges_agree_across_processes(tmp_path, cifar_folder, act_mode, sets):
+    # DDP broadcasts buffers only before a forward with gradients; the ranges must agree without that.
+    extra = [arg for s in [f"act_mode={act_mode}", *sets] for arg in ("--set", s)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(ROOT, "CIFAR", "main.py"), *tiny_run_args(tmp_path / "runs", cifar_folder, *extra)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1
+    (summary,) = summaries
+    assert (summary["act_mode"], summary["world_size"]) == (act_mode, 2)
+    assert len(summary["student_sha256"]) == 2 and len(set(summary["student_sha256"])) == 1

@@ -1,5 +1,6 @@
 import pytest
 
+from quantization_utils import ACT_QUANTIZERS, register_act_quantizer
 from utils.config import Options, load_options, parse_override
 from utils.errors import ConfigError
 
@@ -30,6 +31,20 @@ def test_command_line_bits_and_overrides():
     assert options.norm_mean == [0.5, 0.5, 0.5]
 
 
+def test_every_registered_activation_quantizer_is_an_act_mode():
+    assert [load_options(CIFAR10_CONF, [f"act_mode={mode}"]).act_mode for mode in ("layerwise", "channel", "granq")] \
+        == ["layerwise", "channel", "granq"]
+    @register_act_quantizer("identity_for_config_test")
+    def identity(x, bits):
+        """y = x."""
+        return x
+
+    try:
+        assert load_options(CIFAR10_CONF, ["act_mode=identity_for_config_test"]).act_mode == "identity_for_config_test"
+    finally:
+        del ACT_QUANTIZERS["identity_for_config_test"]
+
+
 def test_override_types():
     assert parse_override("batchSize=32") == ("batchSize", 32)
     assert parse_override("temperature=5") == ("temperature", 5.0)
@@ -56,7 +71,7 @@ def test_unknown_key_names_it_and_the_valid_keys(tmp_path):
     ("nClasses=100", "nClasses = 100 disagrees with network 'resnet20_cifar10'"),
     ("network=resnet18", "network 'resnet18' is a imagenet model but dataset = 'cifar10'"),
     ("network=vgg", "network = 'vgg' is unknown; known networks:"),
-    ("act_mode=minmax", "act_mode = 'minmax' is not valid; choose one of: granq, layerwise"),
+    ("act_mode=minmax", "act_mode = 'minmax' is not valid; choose one of: granq, layerwise, channel$"),
     ("weight_granularity=tensor", "weight_granularity = 'tensor' is not valid"),
     ("batchSize=0", "batchSize = 0 must be at least 1"),
     ("iters_per_epoch=0", "iters_per_epoch = 0 must be at least 1"),

@@ -449,7 +449,7 @@ def test_training_is_the_same_with_the_fast_path(compiled_granq, tmp_path):
 HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 
 
-@pytest.mark.parametrize("act_mode", ["granq", "layerwise"])
+@pytest.mark.parametrize("act_mode", ["granq", "layerwise", "channel"])
 def test_quantized_forward_and_backward_never_read_back_to_the_host(compiled_granq, act_mode, monkeypatch):
     """No .item(), .tolist(), .cpu() or bool(tensor) in a student's forward and backward (a device sync on CUDA)."""
     from utils.models import get_model_spec

@@ -4,12 +4,14 @@ import torch
 
 from quantization_utils import (
     QuantAct,
+    channel_fake_quant,
     channel_loop_fake_quant,
     granq_fake_quant,
     layerwise_fake_quant,
     quant_params,
     weight_fake_quant,
 )
+from quantization_utils.functional import channel_range
 
 
 def reference_fake_quant(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
@@ -101,6 +103,7 @@ def test_channel_loop_equals_vectorized(shape, bits):
     lambda x: granq_fake_quant(x, 3),
     lambda x: channel_loop_fake_quant(x, 3),
     lambda x: layerwise_fake_quant(x, 3, -0.5, 0.5),
+    lambda x: channel_fake_quant(x, 3, torch.linspace(-1, 0, 5), torch.linspace(0.1, 1, 5)),
     lambda x: weight_fake_quant(x, 3, "kernel"),
     lambda x: weight_fake_quant(x, 3, "channel"),
 ])
@@ -118,6 +121,30 @@ def test_layerwise_uses_given_range_and_saturates():
     inside = torch.rand(100) * 3
     expected = reference_fake_quant(inside.numpy(), np.float32(0.0), np.float32(3.0), 2)
     assert np.array_equal(layerwise_fake_quant(inside, 2, torch.tensor(0.0), torch.tensor(3.0)).numpy(), expected)
+
+
+def test_channel_uses_each_channels_range_and_saturates():
+    # channel 0: [0, 3], grid {0, 1, 2, 3}; channel 1: [-1, 2], grid {-1, 0, 1, 2}; 2 samples of 2 values each
+    x = torch.tensor([[[[1.1, 10.0]], [[-0.6, 0.4]]],
+                      [[[-1.0, 2.4]], [[1.7, -3.0]]]])
+    out = channel_fake_quant(x, 2, torch.tensor([0.0, -1.0]), torch.tensor([3.0, 2.0]))
+    assert out.tolist() == [[[[1.0, 3.0]], [[-1.0, 0.0]]],
+                            [[[0.0, 2.0]], [[2.0, -1.0]]]]
+    lo, hi = torch.tensor([0.0, -1.0, 0.5]), torch.tensor([3.0, 2.0, 0.75])
+    inside = lo.view(1, 3, 1, 1) + torch.rand(4, 3, 5, 5) * (hi - lo).view(1, 3, 1, 1)
+    expected = reference_fake_quant(inside.numpy(), lo.view(1, 3, 1, 1).numpy(), hi.view(1, 3, 1, 1).numpy(), 3)
+    assert np.array_equal(channel_fake_quant(inside, 3, lo, hi).numpy(), expected)
+    with pytest.raises(ValueError, match="ranges of shape"):
+        channel_fake_quant(inside, 3, lo[:2], hi[:2])
+
+
+def test_channel_range_is_over_samples_and_positions():
+    x = torch.randn(3, 4, 5, 6)
+    lo, hi = channel_range(x)
+    per_channel = x.numpy().transpose(1, 0, 2, 3).reshape(4, -1)
+    assert np.array_equal(lo.numpy(), per_channel.min(1)) and np.array_equal(hi.numpy(), per_channel.max(1))
+    rows = torch.tensor([[1.0, -2.0], [3.0, 4.0]])  # [N, F]: one range per feature
+    assert [t.tolist() for t in channel_range(rows)] == [[1.0, -2.0], [3.0, 4.0]]
 
 
 def test_weight_granularities():
