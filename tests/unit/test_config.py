@@ -63,7 +63,7 @@ def test_unknown_key_names_it_and_the_valid_keys(tmp_path):
     ("temperature=0", "temperature = 0.0 must be positive"),
     ("img_size=30", "img_size = 30 must be a positive multiple of 4"),
     ("norm_std=[1, 1]", r"norm_std = \[1.0, 1.0\] needs 3 values"),
-    ("lrPolicy_S=cosine", "lrPolicy_S = 'cosine' is not valid"),
+    ("lrPolicy_S=linear", "lrPolicy_S = 'linear' is not valid; choose one of: multi_step, const, cosine"),
     ("nosuchkey", "--set expects key=value"),
 ])
 def test_bad_values_get_clear_errors(override, message):
