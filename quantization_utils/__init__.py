@@ -12,17 +12,30 @@ from .functional import (
 )
 from .fused import GRANQ_IMPLS, CompiledGranQ, granq_function, granq_path, weight_function
 from .modules import ACT_MODES, QuantAct, QuantConv2d, QuantLinear, WeightQuant
-from .quantize import STUDENT_KEYS, count_modules, quantize_model, rebuild_student, set_act_tracking
+from .quantize import (
+    ACT_TYPES,
+    DEFAULT_ACT_TYPES,
+    STUDENT_KEYS,
+    activation_classes,
+    count_modules,
+    quantize_model,
+    rebuild_student,
+    set_act_tracking,
+    unquantized_inputs,
+)
 
 __all__ = [
     "ACT_MODES",
+    "ACT_TYPES",
     "CompiledGranQ",
+    "DEFAULT_ACT_TYPES",
     "GRANQ_IMPLS",
     "QuantAct",
     "QuantConv2d",
     "QuantLinear",
     "STUDENT_KEYS",
     "StraightThrough",
+    "activation_classes",
     "WeightQuant",
     "channel_loop_fake_quant",
     "check_bits",
@@ -36,6 +49,7 @@ __all__ = [
     "quantize_model",
     "rebuild_student",
     "set_act_tracking",
+    "unquantized_inputs",
     "weight_fake_quant",
     "weight_function",
 ]
