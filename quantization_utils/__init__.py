@@ -14,19 +14,32 @@ from .functional import (
 )
 from .fused import GRANQ_IMPLS, CompiledGranQ, granq_function, granq_path, weight_function
 from .modules import ACT_MODES, QuantAct, QuantConv2d, QuantLinear, WeightQuant
-from .quantize import STUDENT_KEYS, count_modules, quantize_model, rebuild_student, set_act_tracking
+from .quantize import (
+    ACT_TYPES,
+    DEFAULT_ACT_TYPES,
+    STUDENT_KEYS,
+    activation_classes,
+    count_modules,
+    quantize_model,
+    rebuild_student,
+    set_act_tracking,
+    unquantized_inputs,
+)
 
 __all__ = [
     "ACT_MODES",
     "ACT_QUANTIZERS",
+    "ACT_TYPES",
     "ActQuantizer",
     "CompiledGranQ",
+    "DEFAULT_ACT_TYPES",
     "GRANQ_IMPLS",
     "QuantAct",
     "QuantConv2d",
     "QuantLinear",
     "STUDENT_KEYS",
     "StraightThrough",
+    "activation_classes",
     "WeightQuant",
     "act_quantizer_names",
     "channel_fake_quant",
@@ -43,6 +56,7 @@ __all__ = [
     "rebuild_student",
     "register_act_quantizer",
     "set_act_tracking",
+    "unquantized_inputs",
     "weight_fake_quant",
     "weight_function",
 ]

@@ -81,3 +81,23 @@ def tiny_run_args(save_path, data_path, *extra, conf=CIFAR10_CONF):
     for s in sets:
         args += ["--set", s]
     return args + list(extra)
+
+
+@pytest.fixture
+def torch_hub(tmp_path, monkeypatch):
+    """torch.hub's cache in tmp_path, and its download (the network boundary) serving random weights."""
+    import torchvision.models
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    urls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        urls.append(url)
+        name = next(n for n in torchvision.models.list_models(module=torchvision.models)
+                    if torchvision.models.get_model_weights(n).DEFAULT.url == url)
+        # What torchvision publishes for the auxiliary-head models includes the heads.
+        kwargs = {"aux_logits": True, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+        torch.save(torchvision.models.get_model(name, **kwargs).state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    return tmp_path / "hub", urls

@@ -2,6 +2,11 @@
 
 Keys keep the spellings of the official GranQ configs (``qw``, ``lr_S``, ``batchSize``) so that
 published configs load unchanged. Unknown keys are rejected with the list of valid ones.
+
+A network named by pytorchcv or torchvision fixes its dataset, class count and input size. Where the config
+leaves ``dataset``, ``nClasses`` or ``img_size`` out they come from the name; ``dataset`` and ``nClasses``
+that the config sets must agree with it, while ``img_size`` (the generated images' size) is taken as given
+and checked when the teacher is built. A user's ``MODULE:FUNCTION`` model takes all three from the config.
 """
 
 import dataclasses
@@ -11,11 +16,11 @@ from dataclasses import dataclass, field
 
 from pyhocon import ConfigFactory, HOCONConverter
 
-from quantization_utils import GRANQ_IMPLS, act_quantizer_names
+from quantization_utils import ACT_TYPES, DEFAULT_ACT_TYPES, GRANQ_IMPLS, act_quantizer_names
 from quantization_utils.functional import MAX_BITS, MIN_BITS, WEIGHT_GRANULARITIES
 
-from .errors import ConfigError
-from .models import get_model_spec, model_names
+from .errors import ConfigError, UserError
+from .models import get_model_spec
 from .optim import LR_POLICIES
 
 __all__ = ["DATASET_CLASSES", "GENERATORS", "LEGACY_KEYS", "Options", "load_options", "parse_override"]
@@ -72,6 +77,7 @@ class Options:
     weight_granularity: str = "kernel"
     act_range_epochs: int = 4  # layerwise / channel ranges are tracked during these first epochs, then frozen
     granq_impl: str = "auto"  # auto: compiled where torch.compile works, else eager
+    act_types: list[str] = field(default_factory=lambda: list(DEFAULT_ACT_TYPES))  # activations followed by a QuantAct
     # Generator losses
     alpha_ds: float = 0.2
     alpha_as: float = 0.1
@@ -117,14 +123,22 @@ class Options:
         _choice(self, "granq_impl", GRANQ_IMPLS)
         if self.generator:
             _choice(self, "generator", GENERATORS)
-        if self.network not in model_names():
-            raise ConfigError(f"network = {self.network!r} is unknown; known networks: {', '.join(model_names())}")
-        spec = get_model_spec(self.network)
-        if spec.dataset != self.dataset:
+        if not self.act_types:
+            raise ConfigError(f"act_types = [] names no activation; choose from: {', '.join(ACT_TYPES)}")
+        for kind in self.act_types:
+            if kind not in ACT_TYPES:
+                raise ConfigError(f"act_types = {self.act_types}: {kind!r} is not valid; choose from: "
+                                  f"{', '.join(ACT_TYPES)}")
+        try:
+            spec = get_model_spec(self.network)
+        except UserError as error:
+            raise ConfigError(str(error)) from None
+        if spec.dataset is not None and spec.dataset != self.dataset:
             raise ConfigError(f"network {self.network!r} is a {spec.dataset} model but dataset = {self.dataset!r}")
-        if self.nClasses != spec.num_classes:
+        if spec.num_classes is not None and self.nClasses != spec.num_classes:
             raise ConfigError(f"nClasses = {self.nClasses} disagrees with network {self.network!r} and dataset "
                               f"{self.dataset!r}, which have {spec.num_classes} classes")
+        _at_least(self, "nClasses", 2)
         for key in ("nEpochs", "warmup_epochs", "act_range_epochs", "nThreads", "GPU", "eval_start_epoch"):
             _at_least(self, key, 0)
         for key in ("iters_per_epoch", "batchSize", "latent_dim", "test_batch_size", "eval_every", "log_interval"):
@@ -190,7 +204,7 @@ VALID_KEYS = tuple(f.name for f in dataclasses.fields(Options))
 
 def _type_name(kind) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            list[int]: "a list of integers", list[float]: "a list of numbers"}[kind]
+            list[int]: "a list of integers", list[float]: "a list of numbers", list[str]: "a list of strings"}[kind]
 
 
 def _coerce(key: str, value):
@@ -259,7 +273,17 @@ def load_options(conf_path: str, overrides: typing.Iterable[str] = (), **explici
     for key, value in explicit.items():
         if value is not None:
             values[key] = _coerce(key, value)
-    return Options(**values).validate()
+    return Options(**_network_defaults(values)).validate()
+
+
+def _network_defaults(values: dict) -> dict:
+    """``values`` with ``dataset``, ``nClasses`` and ``img_size`` from the network's name where they are absent."""
+    try:
+        spec = get_model_spec(values.get("network", Options.network))
+    except UserError:
+        return values  # validate() names the problem
+    defaults = {"dataset": spec.dataset, "nClasses": spec.num_classes, "img_size": spec.image_size}
+    return {**{key: value for key, value in defaults.items() if value is not None}, **values}
 
 
 def options_from_dict(values: dict) -> Options:

@@ -1,6 +1,8 @@
 """Test sets for evaluation. Training never reads real data: the student only sees generated images."""
 
+import dataclasses
 import logging
+import math
 import os
 
 import torch
@@ -9,8 +11,9 @@ from torchvision import datasets, transforms
 
 from . import distributed
 from .errors import UserError
+from .models import IMAGENET_CROP_RATIO, EvalTransform, get_model_spec
 
-__all__ = ["NORMALIZATION", "build_test_loader", "find_image_folder", "normalization"]
+__all__ = ["NORMALIZATION", "build_test_loader", "eval_transform", "find_image_folder", "normalization"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +28,23 @@ IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
 PREFETCH_BATCHES = 2
 
 
+def eval_transform(options) -> EvalTransform:
+    """How test images are prepared: the network's own preparation where it has one (torchvision's weights,
+    pytorchcv's ImageNet table), else the dataset's (ImageNet: shorter side to img_size / 0.875, centre crop
+    of img_size; CIFAR: as stored); ``norm_mean`` / ``norm_std`` replace the normalisation where set."""
+    preset = get_model_spec(options.network).eval_transform
+    if preset is None:
+        size = options.img_size
+        resize, crop = (math.ceil(size / IMAGENET_CROP_RATIO), size) if options.dataset == "imagenet" else (None, None)
+        preset = EvalTransform(resize, crop, *NORMALIZATION[options.dataset])
+    return dataclasses.replace(preset, mean=tuple(options.norm_mean) or preset.mean,
+                               std=tuple(options.norm_std) or preset.std)
+
+
 def normalization(options) -> tuple[tuple, tuple]:
-    """(mean, std): ``norm_mean`` / ``norm_std`` where set, else the dataset's."""
-    mean, std = NORMALIZATION[options.dataset]
-    return tuple(options.norm_mean) or mean, tuple(options.norm_std) or std
+    """(mean, std) of the test images: ``norm_mean`` / ``norm_std`` where set, else the network's or dataset's."""
+    preset = eval_transform(options)
+    return preset.mean, preset.std
 
 
 def _has_class_folders(root: str) -> bool:
@@ -49,10 +65,12 @@ def find_image_folder(data_path: str) -> str | None:
 
 
 def _transform(options):
-    mean, std = normalization(options)
-    steps = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    if options.dataset == "imagenet":
-        steps = [transforms.Resize(256), transforms.CenterCrop(224)] + steps
+    preset = eval_transform(options)
+    steps = [transforms.ToTensor(), transforms.Normalize(preset.mean, preset.std)]
+    if preset.crop is not None:
+        steps.insert(0, transforms.CenterCrop(preset.crop))
+    if preset.resize is not None:
+        steps.insert(0, transforms.Resize(preset.resize, transforms.InterpolationMode(preset.interpolation)))
     return transforms.Compose(steps)
 
 

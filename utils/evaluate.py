@@ -24,7 +24,7 @@ __all__ = ["evaluate", "evaluate_saved", "load_quantized_model"]
 logger = logging.getLogger("granq")
 
 # Overriding these would evaluate a different model than the one saved.
-FIXED_KEYS = ("network",) + STUDENT_KEYS + ("dataset", "nClasses")
+FIXED_KEYS = ("network",) + STUDENT_KEYS + ("act_types", "dataset", "nClasses")
 
 
 @torch.no_grad()

@@ -14,13 +14,14 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import traceback
 
 import numpy as np
 import torch
 
-from quantization_utils import granq_path
+from quantization_utils import QuantConv2d, QuantLinear, granq_path, unquantized_inputs
 
 from . import distributed
 from .config import LEGACY_KEYS, load_options, options_from_dict
@@ -28,7 +29,7 @@ from .data import build_test_loader
 from .devices import configure_backends
 from .errors import UserError
 from .evaluate import evaluate_saved
-from .models import build_teacher
+from .models import build_teacher, check_teacher
 from .plots import plot_run
 from .run_files import RunFileError, find_checkpoint, load_run_file
 from .stopping import RunInterrupted
@@ -66,7 +67,8 @@ def seed_everything(seed: int) -> None:
 def make_run_dir(options, run_id: int) -> str:
     """A new directory under ``save_path``; an existing one is never reused or deleted."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = (f"{options.experimentID}{run_id:02d}_{options.network}_W{options.qw}A{options.qa}_"
+    network = re.sub(r"[^\w.-]", "-", options.network)  # torchvision:NAME, MODULE:FUNCTION: no colon in paths
+    name = (f"{options.experimentID}{run_id:02d}_{network}_W{options.qw}A{options.qa}_"
             f"{options.act_mode}_{options.weight_granularity}_{stamp}")
     try:
         os.makedirs(options.save_path, exist_ok=True)
@@ -123,6 +125,27 @@ class Run:
             self._log_handler = None
 
 
+def log_unquantized_inputs(student: torch.nn.Module, options, device) -> list[str]:
+    """Log (and return) the Conv2d / Linear layers whose input no quantized activation precedes: they stay
+    in float on integer hardware, or need an activation type added to ``act_types``."""
+    image = torch.randn(1, options.channels, options.img_size, options.img_size,
+                        generator=torch.Generator().manual_seed(0))  # leaves the run's random stream alone
+    names = unquantized_inputs(student, image.to(device))
+    layers = {name: m for name, m in student.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    logger.info("%d of %d Conv2d/Linear layers read inputs that no quantized activation (act_types = %s) "
+                "precedes, so they compute on float inputs: %s", len(names), len(layers), options.act_types,
+                _first(names))
+    float_weights = [name for name, m in layers.items() if not isinstance(m, (QuantConv2d, QuantLinear))]
+    if float_weights:
+        logger.warning("%d layers are subclasses of Conv2d/Linear with their own forward and keep float weights: %s",
+                       len(float_weights), _first(float_weights))
+    return names
+
+
+def _first(names: list[str], count: int = 8) -> str:
+    return ", ".join(names[:count]) + (f", ... ({len(names) - count} more)" if len(names) > count else "")
+
+
 def setup(args) -> Run:
     """Validate the inputs, build teacher, data and trainer, and create (or reopen) the run directory."""
     checkpoint = None
@@ -142,6 +165,7 @@ def setup(args) -> Run:
 
     # Everything that can fail on bad input happens before the run directory exists.
     teacher, teacher_source = build_teacher(options.network, options.teacher_weights)
+    check_teacher(teacher, options.network, options.nClasses, options.img_size, options.channels)
     test_loader = build_test_loader(options, device)
 
     run_dir = args.resume
@@ -158,6 +182,7 @@ def setup(args) -> Run:
     logger.info("run directory %s on %s (seed %d, %d process(es))", run_dir, device, seed, distributed.world_size())
     meta = {"id": run_id, "seed": seed, "teacher_weights": teacher_source, "device": str(device), **backends}
     trainer = Trainer(options, teacher, test_loader, device, run_dir, meta)
+    log_unquantized_inputs(trainer.student, options, device)
     if checkpoint is not None:
         try:
             trainer.load_state_dict(checkpoint)

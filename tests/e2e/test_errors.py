@@ -32,6 +32,15 @@ CASES = {
     "corrupt weights": (["--set", "teacher_weights={corrupt}"], "cannot be read as a PyTorch checkpoint"),
     "foreign weights": (["--set", "teacher_weights={foreign}"], "does not fit network 'resnet20_cifar10'"),
     "unwritable save_path": (["--set", "save_path={blocker}/runs"], "is not writable"),
+    "unknown network": (["--set", "network=resnet21"], "network = 'resnet21' is unknown. Give a pytorchcv "
+                        "classification model (e.g. resnet20_cifar10"),
+    "no BatchNorm": (["--set", "network=tests.e2e.user_models:tiny_net_without_batchnorm"],
+                     "has no BatchNorm layer: the BN-statistics loss of the generator needs"),
+    "activation type": (["--set", "act_types=[swish]"], "'swish' is not valid; choose from: relu, relu6, hardswish"),
+    "user model without weights": (["--set", "network=tests.e2e.user_models:tiny_net", "--set", "teacher_weights="],
+                                   "has no published weights: set teacher_weights to its weights file"),
+    "teacher outputs": (["--set", "network=tests.e2e.user_models:tiny_net", "--set", "nClasses=100"],
+                        "returns (1, 10) for one 32x32 image where nClasses = 100"),
 }
 
 

@@ -70,7 +70,13 @@ def test_unknown_key_names_it_and_the_valid_keys(tmp_path):
     ("qw=1", "qw = 1 is out of range"),
     ("nClasses=100", "nClasses = 100 disagrees with network 'resnet20_cifar10'"),
     ("network=resnet18", "network 'resnet18' is a imagenet model but dataset = 'cifar10'"),
-    ("network=vgg", "network = 'vgg' is unknown; known networks:"),
+    ("network=vgg", "network = 'vgg' is unknown. Give a pytorchcv classification model .*; close names: vgg"),
+    ("network=resnet56_cifar100", "network 'resnet56_cifar100' is a cifar100 model but dataset = 'cifar10'"),
+    ("network=torchvision:resnet18", "network 'torchvision:resnet18' is a imagenet model but dataset = 'cifar10'"),
+    ("act_types=[relu, swish]", r"act_types = \['relu', 'swish'\]: 'swish' is not valid; choose from: relu, relu6, "
+                                "hardswish, silu, gelu, leaky_relu"),
+    ("act_types=[]", r"act_types = \[\] names no activation"),
+    ("act_types=relu", "act_types must be a list of strings"),
     ("act_mode=minmax", "act_mode = 'minmax' is not valid; choose one of: granq, layerwise, channel$"),
     ("weight_granularity=tensor", "weight_granularity = 'tensor' is not valid"),
     ("batchSize=0", "batchSize = 0 must be at least 1"),
@@ -105,3 +111,40 @@ def test_resolved_config_round_trips(tmp_path):
 def test_generator_follows_dataset():
     assert Options().generator_kind == "label_embedding"
     assert Options(dataset="imagenet", generator="").generator_kind == "conditional_bn"
+
+
+def test_pytorchcv_network_with_the_official_config():
+    options = load_options(CIFAR10_CONF, ["network=resnet56_cifar10"])
+    assert (options.network, options.dataset, options.nClasses, options.img_size) == ("resnet56_cifar10", "cifar10",
+                                                                                      10, 32)
+
+
+@pytest.mark.parametrize("network, expected", [
+    ("resnet56_cifar100", ("cifar100", 100, 32)),
+    ("torchvision:mobilenet_v2", ("imagenet", 1000, 224)),
+    ("mobilenetv2_w1", ("imagenet", 1000, 224)),
+])
+def test_dataset_classes_and_size_come_from_the_name_where_the_config_omits_them(network, expected, tmp_path):
+    conf = tmp_path / "minimal.hocon"
+    conf.write_text(f'network = "{network}"\ndataPath = "/data"\n')
+    options = load_options(str(conf))
+    assert (options.dataset, options.nClasses, options.img_size) == expected
+    # A size the config sets is taken as given (the teacher check at start-up tells whether the model runs on it).
+    assert load_options(str(conf), ["img_size=160"]).img_size == 160
+
+
+def test_user_model_takes_dataset_classes_and_size_from_the_config():
+    options = load_options(CIFAR10_CONF, ["network=tests.e2e.user_models:tiny_net", "dataset=cifar100",
+                                          "nClasses=7", "img_size=16"])
+    assert (options.dataset, options.nClasses, options.img_size) == ("cifar100", 7, 16)
+    with pytest.raises(ConfigError, match="nClasses = 1 must be at least 2"):
+        load_options(CIFAR10_CONF, ["network=tests.e2e.user_models:tiny_net", "nClasses=1"])
+
+
+def test_act_types_default_and_round_trip(tmp_path):
+    assert load_options(CIFAR10_CONF).act_types == ["relu", "relu6"] == Options().act_types
+    options = load_options(CIFAR10_CONF, ['act_types=["relu", "hardswish"]'])
+    assert options.act_types == ["relu", "hardswish"]
+    path = tmp_path / "config.hocon"
+    path.write_text(options.to_hocon())
+    assert load_options(str(path)) == options

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from utils.config import load_options
-from utils.data import PREFETCH_BATCHES, build_test_loader, find_image_folder, normalization
+from utils.data import PREFETCH_BATCHES, build_test_loader, eval_transform, find_image_folder, normalization
 from utils.errors import UserError
 
-from ..conftest import CIFAR10_CONF, CIFAR10_JPEG, make_image_folder, needs_shared_data
+from ..conftest import CIFAR10_CONF, CIFAR10_JPEG, ROOT, make_image_folder, needs_shared_data
 
 
 def options(data_path, *sets):
@@ -77,3 +77,43 @@ def test_batches_are_pinned_for_cuda_only(cifar_folder):
     # A device object is only a name: nothing runs on CUDA here.
     assert build_test_loader(options(cifar_folder), torch.device("cuda", 0)).pin_memory
     assert not build_test_loader(options(cifar_folder), torch.device("cpu")).pin_memory
+
+
+def imagenet_folder(root, classes_with_images=(3,)):
+    """1000 class folders, one 500x375 image in each of ``classes_with_images``."""
+    from PIL import Image
+
+    for index in range(1000):
+        (root / f"n{index:08d}").mkdir(parents=True)
+    for index in classes_with_images:
+        Image.new("RGB", (500, 375), (200, 30, 90)).save(root / f"n{index:08d}" / "a.JPEG")
+    return str(root)
+
+
+@pytest.mark.parametrize("network, resize, crop", [
+    ("resnet18", 256, 224),  # pytorchcv's table
+    ("torchvision:resnet18", 256, 224),  # torchvision's IMAGENET1K_V1
+    ("torchvision:mobilenet_v2", 232, 224),  # IMAGENET1K_V2
+    ("torchvision:efficientnet_b0", 256, 224),
+])
+def test_test_images_are_prepared_as_the_network_was_evaluated(network, resize, crop, tmp_path):
+    conf = f"{ROOT}/ImageNet/imagenet_res18.hocon"
+    options = load_options(conf, [f"network={network}", f"dataPath={imagenet_folder(tmp_path)}", "nThreads=0"])
+    steps = build_test_loader(options).dataset.transform.transforms
+    assert (steps[0].size, steps[1].size) == (resize, (crop, crop))
+    interpolation = eval_transform(options).interpolation
+    assert steps[0].interpolation.value == interpolation == ("bicubic" if "efficientnet" in network else "bilinear")
+    images, _ = next(iter(build_test_loader(options)))
+    assert images.shape == (1, 3, crop, crop)
+    assert normalization(options) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    override = load_options(conf, [f"network={network}", "norm_mean=[0.5, 0.5, 0.5]", "norm_std=[0.2, 0.2, 0.2]"])
+    assert normalization(override) == ((0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+    assert eval_transform(override).resize == resize
+
+
+def test_user_model_on_imagenet_crops_its_image_size(tmp_path):
+    options = load_options(f"{ROOT}/ImageNet/imagenet_res18.hocon", [
+        "network=tests.e2e.user_models:tiny_net", "img_size=160", f"dataPath={imagenet_folder(tmp_path)}",
+        "nThreads=0"])
+    steps = build_test_loader(options).dataset.transform.transforms
+    assert (steps[0].size, steps[1].size) == (183, (160, 160))  # 160 / 0.875, rounded up

@@ -7,18 +7,61 @@ import torch
 
 import utils.models as models
 from utils.errors import UserError
-from utils.models import build_teacher, get_model_spec, model_names
+from utils.models import build_teacher, check_teacher, get_model_spec, model_names
 
 from ..conftest import PYTORCHCV_JPEG_WEIGHTS, RESNET20A_WEIGHTS, needs_shared_data
 
-
-def test_unknown_network_lists_known_ones():
-    with pytest.raises(UserError, match="unknown network 'resnet21'.*resnet20_cifar10.*resnet20a_cifar10"):
-        get_model_spec("resnet21")
+# The teachers of the shipped configs.
+CONFIG_NETWORKS = ["resnet20_cifar10", "resnet20_cifar100", "resnet18", "resnet50", "mobilenetv2_w1", *model_names()]
 
 
-@pytest.mark.parametrize("name", model_names())
-def test_registered_models_build_and_run(name):
+def test_unknown_network_lists_every_form_without_building(monkeypatch):
+    import pytorchcv.model_provider
+
+    monkeypatch.setattr(pytorchcv.model_provider, "get_model", lambda *a, **k: pytest.fail("a model was built"))
+    for name in ("resnet21", "torchvision:resnet19", "no/such:thing"):
+        with pytest.raises(UserError) as caught:
+            get_model_spec(name)
+        message = str(caught.value)
+        assert message.startswith(f"network = {name!r} is unknown. Give a pytorchcv classification model (e.g. "
+                                  f"resnet20_cifar10")
+        for form in ("torchvision:NAME", "torchvision:resnet18", "MODULE:FUNCTION", "mypkg.models:my_net",
+                     "resnet20a_cifar10"):
+            assert form in message
+    with pytest.raises(UserError, match="; close names: resnet20_cifar10, "):
+        get_model_spec("resnet20_cifar1")
+    with pytest.raises(UserError, match="close names: torchvision:resnet18"):
+        get_model_spec("torchvision:resnet19")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("resnet56_cifar100", ("cifar100", 100, 32, None)),
+    ("wrn16_10_cifar10", ("cifar10", 10, 32, None)),
+    ("resnet34", ("imagenet", 1000, 224, (256, 224))),
+    ("inceptionv3", ("imagenet", 1000, 299, (342, 299))),  # pytorchcv's table: 299 pixels, crop ratio 0.875
+    ("torchvision:mobilenet_v2", ("imagenet", 1000, 224, (232, 224))),  # torchvision's IMAGENET1K_V2 recipe
+])
+def test_the_name_gives_dataset_classes_and_size(name, expected):
+    spec = get_model_spec(name)
+    transform = spec.eval_transform and (spec.eval_transform.resize, spec.eval_transform.crop)
+    assert (spec.dataset, spec.num_classes, spec.image_size, transform) == expected
+    assert spec.name == name
+
+
+def test_torchvision_transform_comes_from_the_weights():
+    transform = get_model_spec("torchvision:efficientnet_b0").eval_transform
+    assert (transform.resize, transform.crop, transform.interpolation) == (256, 224, "bicubic")
+    assert transform.mean == (0.485, 0.456, 0.406) and transform.std == (0.229, 0.224, 0.225)
+
+
+@pytest.mark.parametrize("name", ["resnet20_svhn", "alphapose_fastseresnet101b_coco", "resnet18_cub"])
+def test_pytorchcv_models_of_other_tasks_are_refused(name):
+    with pytest.raises(UserError, match=f"pytorchcv's {name} is not an ImageNet or CIFAR classification model"):
+        get_model_spec(name)
+
+
+@pytest.mark.parametrize("name", CONFIG_NETWORKS)
+def test_config_networks_build_and_run(name):
     spec = get_model_spec(name)
     model = spec.build().eval()
     with torch.no_grad():
@@ -119,3 +162,75 @@ def test_shared_weights_load():
     assert teacher.linear.out_features == 10
     if os.path.isfile(PYTORCHCV_JPEG_WEIGHTS):
         build_teacher("resnet20_cifar10", PYTORCHCV_JPEG_WEIGHTS)
+
+
+# ------------------------------------------------------------------------------------------- torchvision
+def test_torchvision_published_weights_through_mocked_download(torch_hub):
+    hub, urls = torch_hub
+    teacher, source = build_teacher("torchvision:resnet18", "")
+    assert urls == ["https://download.pytorch.org/models/resnet18-f37072fd.pth"]
+    assert source == str(hub / "checkpoints" / "resnet18-f37072fd.pth")
+    saved = torch.load(source)
+    assert all(torch.equal(v, saved[k]) for k, v in teacher.state_dict().items())
+    build_teacher("torchvision:resnet18", "")  # from torch.hub's cache
+    assert len(urls) == 1
+
+
+def test_torchvision_auxiliary_heads_are_dropped(torch_hub):
+    teacher, _ = build_teacher("torchvision:googlenet", "")
+    assert teacher.aux1 is None and teacher.aux2 is None and teacher.transform_input
+    assert not any(key.startswith("aux") for key in teacher.state_dict())
+
+
+# ------------------------------------------------------------------------------------------ user models
+def test_user_model_from_module_and_function(tmp_path):
+    spec = get_model_spec("tests.e2e.user_models:tiny_net")
+    assert (spec.dataset, spec.num_classes, spec.image_size, spec.fetch_published) == (None, None, None, None)
+    weights = tmp_path / "tiny.pth"
+    torch.save(spec.build().state_dict(), weights)
+    teacher, source = build_teacher("tests.e2e.user_models:tiny_net", str(weights))
+    assert source == str(weights)
+    assert all(torch.equal(v, torch.load(weights)[k]) for k, v in teacher.state_dict().items())
+    with pytest.raises(UserError, match="'tests.e2e.user_models:tiny_net' has no published weights: set "
+                                        "teacher_weights"):
+        build_teacher("tests.e2e.user_models:tiny_net", "")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("tests.e2e.no_such_module:net", "cannot import 'tests.e2e.no_such_module' .ModuleNotFoundError"),
+    ("tests.e2e.user_models:no_such_function", "module 'tests.e2e.user_models' has no function 'no_such_function'"),
+])
+def test_user_model_that_cannot_be_found(name, message):
+    with pytest.raises(UserError, match=message):
+        get_model_spec(name)
+
+
+def test_user_function_that_returns_no_module():
+    with pytest.raises(UserError, match=r"not_a_model\(\) returned a str, not an nn.Module"):
+        build_teacher("tests.e2e.user_models:not_a_model", "random")
+
+
+def test_weights_of_another_shape_are_a_clear_error(tmp_path):
+    state = get_model_spec("tests.e2e.user_models:tiny_net").build().state_dict()
+    state["8.weight"] = torch.zeros(3, 16)
+    path = tmp_path / "other_classes.pth"
+    torch.save(state, path)
+    with pytest.raises(UserError, match=r"1 of another shape \(e.g. \['8.weight'\]\)"):
+        build_teacher("tests.e2e.user_models:tiny_net", str(path))
+
+
+# ---------------------------------------------------------------------------------------- teacher check
+def test_teacher_without_batchnorm_is_refused():
+    teacher, _ = build_teacher("tests.e2e.user_models:tiny_net_without_batchnorm", "random")
+    with pytest.raises(UserError, match="has no BatchNorm layer: the BN-statistics loss of the generator needs"):
+        check_teacher(teacher, "tests.e2e.user_models:tiny_net_without_batchnorm", 10, 32)
+
+
+def test_teacher_output_and_input_size_are_checked():
+    teacher, _ = build_teacher("tests.e2e.user_models:tiny_net", "random")
+    check_teacher(teacher, "tiny", 10, 32)
+    with pytest.raises(UserError, match=r"returns \(1, 10\) for one 32x32 image where nClasses = 100"):
+        check_teacher(teacher, "tiny", 100, 32)
+    resnet, _ = build_teacher("resnet20_cifar10", "random")
+    with pytest.raises(UserError, match="'resnet20_cifar10' cannot run on 64x64 images .RuntimeError: .*set img_size"):
+        check_teacher(resnet, "resnet20_cifar10", 10, 64)

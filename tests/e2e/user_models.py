@@ -1,0 +1,39 @@
+"""Models a user might write, referenced in tests as ``tests.e2e.user_models:NAME``."""
+
+import torch.nn as nn
+
+
+def _features(activation: type[nn.Module], batch_norm: bool = True) -> list[nn.Module]:
+    layers = []
+    for c_in, c_out, stride in ((3, 8, 1), (8, 16, 2)):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=not batch_norm)]
+        layers += [nn.BatchNorm2d(c_out)] if batch_norm else []
+        layers += [activation()]
+    return layers
+
+
+def tiny_net(num_classes: int = 10) -> nn.Module:
+    """conv-BN-ReLU twice, global average pooling, a linear classifier."""
+    return nn.Sequential(*_features(nn.ReLU), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+
+def tiny_hardswish_net(num_classes: int = 10) -> nn.Module:
+    """tiny_net with Hardswish activations, as in MobileNetV3."""
+    return nn.Sequential(*_features(nn.Hardswish), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, num_classes))
+
+
+def tiny_net_without_batchnorm(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(*_features(nn.ReLU, batch_norm=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, num_classes))
+
+
+class MaskedConv(nn.Conv2d):
+    """A convolution subclass with its own forward (as pytorchcv's XConv2d, Conv2d1bit, OctConv)."""
+
+    def forward(self, x):
+        return super().forward(x).clamp(min=0)
+
+
+def not_a_model():
+    return "a string"
