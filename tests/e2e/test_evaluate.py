@@ -1,15 +1,11 @@
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torchvision import transforms
 
-from utils.data import NORMALIZATION
+from benchmarks.gpu_check import labelled_test_set
 from utils.errors import UserError
 from utils.evaluate import evaluate_saved
-from utils.models import build_teacher
 
 from ..conftest import last_json, make_image_folder, run_main, tiny_run_args
 
@@ -21,42 +17,10 @@ def _teacher_labelled_run(root):
     This teacher's BatchNorm statistics are those of the test images and its last layer is centred and
     scaled on them, so its predictions vary; the labels are its own predictions (teacher top-1 100%), and
     at 6 bits the student agrees with it on part of the images only, so its accuracy depends on its weights
-    and bit-widths.
+    and bit-widths. The GPU check makes the same test set (benchmarks/gpu_check.py).
     """
-    rng = np.random.default_rng(0)
-    unlabelled = os.path.join(root, "unlabelled", "all")
-    os.makedirs(unlabelled)
-    for i in range(40):
-        # Blocky images differ between each other more than white noise does after a few layers.
-        pixels = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        Image.fromarray(pixels).resize((32, 32), Image.NEAREST).save(os.path.join(unlabelled, f"{i:02d}.png"))
-    torch.manual_seed(0)
-    teacher, _ = build_teacher("resnet20_cifar10", "random")
-    images = torch.stack([_load(os.path.join(unlabelled, name)) for name in sorted(os.listdir(unlabelled))])
-    for module in teacher.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the one calibration batch
-    teacher.train()
-    with torch.no_grad():
-        teacher(images)
-    teacher.eval()
-    features = []
-    handle = teacher.output.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
-    with torch.no_grad():
-        teacher(images)
-        handle.remove()
-        weight = torch.randn(10, features[0].shape[1]) / (features[0].std(0) + 1e-6)
-        teacher.output.weight.copy_(weight)
-        teacher.output.bias.copy_(-weight @ features[0].mean(0))
-        labels = teacher(images).argmax(1).tolist()
-    weights = os.path.join(root, "teacher.pth")
-    torch.save(teacher.state_dict(), weights)
-    test_set = os.path.join(root, "test")
-    for c in range(10):
-        os.makedirs(os.path.join(test_set, f"class{c}"))
-    for name, label in zip(sorted(os.listdir(unlabelled)), labels):
-        os.rename(os.path.join(unlabelled, name), os.path.join(test_set, f"class{label}", name))
+    test_set, weights = labelled_test_set(root, 40)
+    labels = [c for c in os.listdir(test_set) if os.listdir(os.path.join(test_set, c))]
     args = tiny_run_args(os.path.join(root, "runs"), test_set, "--qw", "6", "--qa", "6",
                          "--set", f"teacher_weights={weights}", "--set", "nEpochs=2",
                          # a small step: the student trains, yet stays near its teacher
@@ -65,13 +29,8 @@ def _teacher_labelled_run(root):
                          "--set", "deterministic=true")
     code, lines = run_main(args)
     assert code == 0
-    return last_json(lines), len(set(labels))
+    return last_json(lines), len(labels)
 
-
-def _load(path):
-    """The image as the CIFAR-10 test loader gives it."""
-    mean, std = NORMALIZATION["cifar10"]
-    return transforms.Normalize(mean, std)(transforms.ToTensor()(Image.open(path).convert("RGB")))
 
 
 @pytest.fixture(scope="module")
