@@ -9,7 +9,7 @@ import typing
 import torch
 import torch.nn as nn
 
-from .fused import granq_function, weight_function
+from .fused import weight_function
 from .modules import QuantAct, QuantConv2d, QuantLinear, WeightQuant
 
 __all__ = ["ACTIVATIONS", "ACT_TYPES", "DEFAULT_ACT_TYPES", "STUDENT_KEYS", "activation_classes", "count_modules",
@@ -156,7 +156,8 @@ def unquantized_inputs(student: nn.Module, example: torch.Tensor) -> list[str]:
     that read one. Anything computed in between (a sum, an average pooling, a concatenation) is not on a
     quantization grid, so the layer that reads it works on float values; the first layer, which reads the
     image, is always listed. A layer called several times is listed if any call reads such an input.
-    The quantizers run in eager mode and layer-wise ranges are not updated: the student is left as it was.
+    The activation quantizers pass their input through, the weight quantizers run in eager mode, and no range
+    is updated: the student is left as it was.
     """
     # Storage address -> (the tensor, kept alive so that no address is reused; its version counter then).
     quantized: dict[int, tuple[torch.Tensor, int]] = {}
@@ -182,11 +183,14 @@ def unquantized_inputs(student: nn.Module, example: torch.Tensor) -> list[str]:
 
     saved = {}
     handles = []
+    passed_through = []
     try:
         for name, module in student.named_modules():
             if isinstance(module, QuantAct):
-                saved[module] = {"tracking": module.tracking, "granq_fn": module.granq_fn}
-                module.tracking, module.granq_fn = False, granq_function("eager")
+                # Only where each QuantAct's output goes matters here, not its values (a range not yet
+                # tracked may even be empty): a copy of its input stands in for its output.
+                module.forward = torch.clone
+                passed_through.append(module)
             elif isinstance(module, (QuantConv2d, QuantLinear)):
                 saved[module] = {"weight_fn": module.weight_fn}
                 module.weight_fn = weight_function("eager")
@@ -203,6 +207,8 @@ def unquantized_inputs(student: nn.Module, example: torch.Tensor) -> list[str]:
     finally:
         for handle in handles:
             handle.remove()
+        for module in passed_through:
+            del module.forward
         for module, attributes in saved.items():
             for key, value in attributes.items():
                 setattr(module, key, value)

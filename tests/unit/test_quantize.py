@@ -135,6 +135,20 @@ def test_unquantized_inputs_leave_the_student_unchanged():
     assert [m.granq_fn for m in student.modules() if isinstance(m, QuantAct)] == functions
 
 
+@pytest.mark.parametrize("act_mode", ["channel", "layerwise", "granq"])
+def test_unquantized_inputs_need_no_tracked_ranges(act_mode):
+    # At start-up the ranges of a tracked mode are still empty; the check must not read them.
+    student = quantize_model(tiny_net(), 4, 4, act_mode=act_mode, granq_impl="eager").eval()
+    set_act_tracking(student, False)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    first_conv = next(name for name, m in student.named_modules() if isinstance(m, nn.Conv2d))
+    assert unquantized_inputs(student, torch.randn(1, 3, 16, 16))[0] == first_conv
+    assert student.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    assert all(type(m).forward is QuantAct.forward and "forward" not in vars(m)
+               for m in student.modules() if isinstance(m, QuantAct))
+
+
 def test_conv_subclasses_keep_their_forward():
     model = nn.Sequential(MaskedConv(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
     student = quantize_model(model, 4, 4, granq_impl="eager")
