@@ -1,5 +1,5 @@
 """SLOW (minutes): ``benchmarks/gpu_check.sh --device cpu --quick``, the whole GPU check with every step small,
-on the CPU. It took 7 minutes on a 2-core machine busy with other jobs; ``-m "not slow"`` leaves it out."""
+on the CPU: 69 s on an idle 2-core machine, 7 minutes on a busy one; ``-m "not slow"`` leaves it out."""
 
 import json
 import os
