@@ -181,7 +181,7 @@ def unquantized_inputs(student: nn.Module, example: torch.Tensor) -> list[str]:
 
         return check
 
-    saved = {}
+    weight_fns = {}  # the weight quantizers swapped for eager ones, to restore
     handles = []
     passed_through = []
     try:
@@ -192,7 +192,7 @@ def unquantized_inputs(student: nn.Module, example: torch.Tensor) -> list[str]:
                 module.forward = torch.clone
                 passed_through.append(module)
             elif isinstance(module, (QuantConv2d, QuantLinear)):
-                saved[module] = {"weight_fn": module.weight_fn}
+                weight_fns[module] = module.weight_fn
                 module.weight_fn = weight_function("eager")
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 handles.append(module.register_forward_pre_hook(check_for(name)))
@@ -209,7 +209,6 @@ def unquantized_inputs(student: nn.Module, example: torch.Tensor) -> list[str]:
             handle.remove()
         for module in passed_through:
             del module.forward
-        for module, attributes in saved.items():
-            for key, value in attributes.items():
-                setattr(module, key, value)
+        for module, weight_fn in weight_fns.items():
+            module.weight_fn = weight_fn
     return unquantized
