@@ -23,6 +23,7 @@ from .quantize import (
     quantize_model,
     rebuild_student,
     set_act_tracking,
+    shared_act_quantizers,
     unquantized_inputs,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "rebuild_student",
     "register_act_quantizer",
     "set_act_tracking",
+    "shared_act_quantizers",
     "unquantized_inputs",
     "weight_fake_quant",
     "weight_function",

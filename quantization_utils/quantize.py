@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import typing
@@ -147,7 +148,36 @@ _GRID_KEEPING = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d
                  nn.AdaptiveMaxPool3d)
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def _inspected(student: nn.Module):
+    """``student`` in eval mode with its activation quantizers passing their input through and its weight
+    quantizers in eager mode, for a forward that only looks at where values go; restored afterwards.
+
+    Only where each QuantAct's output goes matters then, not its values (a range not yet tracked may even
+    be empty): a copy of its input stands in for its output, and no range is updated.
+    """
+    weight_fns = {}  # the weight quantizers swapped for eager ones, to restore
+    passed_through = []
+    was_training = student.training
+    try:
+        for module in student.modules():
+            if isinstance(module, QuantAct):
+                module.forward = torch.clone
+                passed_through.append(module)
+            elif isinstance(module, (QuantConv2d, QuantLinear)):
+                weight_fns[module] = module.weight_fn
+                module.weight_fn = weight_function("eager")
+        student.eval()
+        with torch.no_grad():
+            yield student
+    finally:
+        student.train(was_training)
+        for module in passed_through:
+            del module.forward
+        for module, weight_fn in weight_fns.items():
+            module.weight_fn = weight_fn
+
+
 def unquantized_inputs(student: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the Conv2d / Linear layers of ``student`` that read an input no QuantAct produced, in call order.
 
@@ -156,8 +186,7 @@ def unquantized_inputs(student: nn.Module, example: torch.Tensor) -> list[str]:
     that read one. Anything computed in between (a sum, an average pooling, a concatenation) is not on a
     quantization grid, so the layer that reads it works on float values; the first layer, which reads the
     image, is always listed. A layer called several times is listed if any call reads such an input.
-    The activation quantizers pass their input through, the weight quantizers run in eager mode, and no range
-    is updated: the student is left as it was.
+    The student is left as it was (see :func:`_inspected`).
     """
     # Storage address -> (the tensor, kept alive so that no address is reused; its version counter then).
     quantized: dict[int, tuple[torch.Tensor, int]] = {}
@@ -181,34 +210,45 @@ def unquantized_inputs(student: nn.Module, example: torch.Tensor) -> list[str]:
 
         return check
 
-    weight_fns = {}  # the weight quantizers swapped for eager ones, to restore
     handles = []
-    passed_through = []
     try:
         for name, module in student.named_modules():
-            if isinstance(module, QuantAct):
-                # Only where each QuantAct's output goes matters here, not its values (a range not yet
-                # tracked may even be empty): a copy of its input stands in for its output.
-                module.forward = torch.clone
-                passed_through.append(module)
-            elif isinstance(module, (QuantConv2d, QuantLinear)):
-                weight_fns[module] = module.weight_fn
-                module.weight_fn = weight_function("eager")
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 handles.append(module.register_forward_pre_hook(check_for(name)))
             if isinstance(module, (QuantAct,) + _GRID_KEEPING):
                 handles.append(module.register_forward_hook(mark))
-        was_training = student.training
-        student.eval()
-        try:
+        with _inspected(student):
             student(example)
-        finally:
-            student.train(was_training)
     finally:
         for handle in handles:
             handle.remove()
-        for module in passed_through:
-            del module.forward
-        for module, weight_fn in weight_fns.items():
-            module.weight_fn = weight_fn
     return unquantized
+
+
+def shared_act_quantizers(student: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """The QuantActs that one forward of ``example`` calls more than once: name -> number of calls.
+
+    A model that reuses one activation module at several places (torchvision's ResNet blocks call one ReLU
+    twice) gets one QuantAct there. That changes nothing for a quantizer without state (``granq``), but a
+    tracked one (``layerwise``, ``channel``) keeps a single range for all those places. The student is left
+    as it was (see :func:`_inspected`).
+    """
+    calls: dict[str, int] = {}
+    handles = []
+
+    def count_for(name: str):
+        def count(module, inputs, output):
+            calls[name] = calls.get(name, 0) + 1
+
+        return count
+
+    try:
+        for name, module in student.named_modules():
+            if isinstance(module, QuantAct):
+                handles.append(module.register_forward_hook(count_for(name)))
+        with _inspected(student):
+            student(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: n for name, n in calls.items() if n > 1}

@@ -64,10 +64,13 @@ class BNStatistics:
     def _hook(self, module, inputs, output):
         if self._collecting:
             x = inputs[0]
-            # Two passes (mean, then the mean squared deviation) give the biased variance of var_mean(...,
-            # correction=0) up to rounding, several times faster on the CPU than its one-pass (Welford) kernel.
-            mean = x.mean(dim=(0, 2, 3))
-            var = (x - mean[:, None, None]).square().mean(dim=(0, 2, 3))
+            # Statistics per channel (dim 1) over every other dim: (N, C) and (N, C, L) for BatchNorm1d,
+            # (N, C, H, W) for 2d, (N, C, D, H, W) for 3d. Two passes (mean, then the mean squared deviation)
+            # give the biased variance of var_mean(..., correction=0) up to rounding, several times faster on
+            # the CPU than its one-pass (Welford) kernel.
+            dims = (0, *range(2, x.dim()))
+            mean = x.mean(dim=dims)
+            var = (x - mean.view(-1, *[1] * (x.dim() - 2))).square().mean(dim=dims)
             self._stats.append((mean, var, module))
 
     @contextmanager

@@ -21,7 +21,7 @@ import traceback
 import numpy as np
 import torch
 
-from quantization_utils import QuantConv2d, QuantLinear, granq_path, unquantized_inputs
+from quantization_utils import QuantAct, QuantConv2d, QuantLinear, granq_path, shared_act_quantizers, unquantized_inputs
 
 from . import distributed
 from .config import LEGACY_KEYS, load_options, options_from_dict
@@ -127,7 +127,8 @@ class Run:
 
 def log_unquantized_inputs(student: torch.nn.Module, options, device) -> list[str]:
     """Log (and return) the Conv2d / Linear layers whose input no quantized activation precedes: they stay
-    in float on integer hardware, or need an activation type added to ``act_types``."""
+    in float on integer hardware, or need an activation type added to ``act_types``. Warn when a quantizer
+    that tracks ranges is called at several places per forward (a reused activation module)."""
     image = torch.randn(1, options.channels, options.img_size, options.img_size,
                         generator=torch.Generator().manual_seed(0))  # leaves the run's random stream alone
     names = unquantized_inputs(student, image.to(device))
@@ -139,6 +140,12 @@ def log_unquantized_inputs(student: torch.nn.Module, options, device) -> list[st
     if float_weights:
         logger.warning("%d layers are subclasses of Conv2d/Linear with their own forward and keep float weights: %s",
                        len(float_weights), _first(float_weights))
+    tracked = any(isinstance(m, QuantAct) and m.tracks_ranges for m in student.modules())
+    shared = shared_act_quantizers(student, image.to(device)) if tracked else {}
+    if shared:
+        logger.warning("%d activation quantizers are called at several places per forward (one activation module "
+                       "reused), so each keeps one range for all its places (act_mode = %s): %s", len(shared),
+                       options.act_mode, _first([f"{name} x{n}" for name, n in shared.items()]))
     return names
 
 

@@ -131,3 +131,20 @@ def test_start_up_log_names_float_inputs_and_float_layers(caplog):
     assert ("1 of 2 Conv2d/Linear layers read inputs that no quantized activation (act_types = ['relu', 'relu6']) "
             "precedes, so they compute on float inputs: 0") in caplog.text
     assert "1 layers are subclasses of Conv2d/Linear with their own forward and keep float weights: 0" in caplog.text
+    assert "activation quantizers are called at several places" not in caplog.text
+
+
+def test_start_up_log_warns_of_one_range_for_a_reused_activation(caplog):
+    from quantization_utils import quantize_model
+    from utils.config import load_options
+    from utils.run import log_unquantized_inputs
+
+    from .user_models import reused_relu_net
+
+    options = load_options(CIFAR10_CONF, overrides=["act_mode=layerwise"])
+    student = quantize_model(reused_relu_net(), 4, 4, act_mode="layerwise", granq_impl="eager")
+    with caplog.at_level("INFO", logger="granq"):
+        log_unquantized_inputs(student, options, torch.device("cpu"))
+    assert ("1 activation quantizers are called at several places per forward (one activation module reused), "
+            "so each keeps one range for all its places (act_mode = layerwise): relu.1 x2") in caplog.text
+

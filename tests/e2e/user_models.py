@@ -37,3 +37,23 @@ class MaskedConv(nn.Conv2d):
 
 def not_a_model():
     return "a string"
+
+
+class _ReusedRelu(nn.Module):
+    """One ReLU module called at two places, as in torchvision's ResNet blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.out_relu = nn.ReLU()
+
+    def forward(self, x):
+        x = self.relu(self.conv1(x))
+        return self.out_relu(self.relu(self.conv2(x)) + x)
+
+
+def reused_relu_net() -> nn.Module:
+    return _ReusedRelu()
+

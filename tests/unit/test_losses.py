@@ -71,3 +71,19 @@ def test_bn_statistics_gradient_reaches_the_input():
         model(x)
     stats.loss().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bn, shape", [(nn.BatchNorm1d, (8, 3)), (nn.BatchNorm1d, (8, 3, 5)),
+                                       (nn.BatchNorm3d, (4, 3, 2, 3, 3))])
+def test_bn_statistics_of_1d_and_3d_batchnorm(bn, shape):
+    layer = bn(3).eval()
+    layer.running_mean.fill_(0.25)
+    layer.running_var.fill_(1.5)
+    stats = BNStatistics(layer)
+    x = torch.randn(shape)
+    with stats.capture():
+        layer(x)
+    dims = [d for d in range(x.dim()) if d != 1]
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    expected = F.mse_loss(mean, layer.running_mean) + F.mse_loss(var, layer.running_var)
+    assert torch.allclose(stats.loss(), expected, atol=1e-6)

@@ -13,9 +13,10 @@ from quantization_utils import (
     quantize_model,
     rebuild_student,
     set_act_tracking,
+    shared_act_quantizers,
     unquantized_inputs,
 )
-from tests.e2e.user_models import MaskedConv, tiny_hardswish_net, tiny_net
+from tests.e2e.user_models import MaskedConv, reused_relu_net, tiny_hardswish_net, tiny_net
 
 OPTIONS = {"qw": 4, "qa": 4, "act_mode": "granq", "weight_granularity": "kernel", "granq_impl": "eager"}
 
@@ -156,3 +157,23 @@ def test_conv_subclasses_keep_their_forward():
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(student[0](x), model[0](x))
+
+
+@pytest.mark.parametrize("act_mode", ["layerwise", "granq"])
+def test_shared_act_quantizers_counts_calls_and_leaves_the_student_unchanged(act_mode):
+    student = quantize_model(reused_relu_net(), 4, 4, act_mode=act_mode, granq_impl="eager")
+    student.train()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    assert shared_act_quantizers(student, torch.randn(1, 3, 8, 8)) == {"relu.1": 2}
+    assert student.training and all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    assert all("forward" not in vars(m) for m in student.modules() if isinstance(m, QuantAct))
+
+
+def test_torchvision_resnet_blocks_share_one_relu_quantizer():
+    import torchvision
+
+    student = quantize_model(torchvision.models.resnet18(weights=None), 4, 4, act_mode="layerwise",
+                             granq_impl="eager")
+    shared = shared_act_quantizers(student, torch.randn(1, 3, 64, 64))
+    assert shared == {f"layer{i}.{j}.relu.1": 2 for i in range(1, 5) for j in range(2)}
+
