@@ -14,7 +14,8 @@ from .fused import weight_function
 from .modules import QuantAct, QuantConv2d, QuantLinear, WeightQuant
 
 __all__ = ["ACTIVATIONS", "ACT_TYPES", "DEFAULT_ACT_TYPES", "STUDENT_KEYS", "activation_classes", "count_modules",
-           "quantize_model", "rebuild_student", "set_act_tracking", "unquantized_inputs"]
+           "quantize_model", "rebuild_student", "set_act_tracking", "shared_act_quantizers",
+           "unquantized_inputs"]
 
 # The activation modules that ``act_types`` may name. Each one found is followed by a QuantAct, whose output
 # is what the next layer's integer kernel reads.

@@ -8,6 +8,7 @@ The batch: real test images from ``dataPath`` (``real``), images from the genera
 ``checkpoint.pt`` (``generator``, with ``--run``), or Gaussian noise in the normalised input space
 (``noise``). By default: the generator when ``--run`` is given, else real images when ``dataPath`` holds
 an ImageFolder, else noise. With ``--run`` and no ``--conf_path`` the run's own options and teacher are used.
+The activations measured are those of the config's ``act_types`` (``--set 'act_types=[relu, hardswish]'``).
 Writes a PNG figure, a markdown table and a CSV into the output directory and prints the table.
 """
 
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from quantization_utils import check_bits  # noqa: E402
+from quantization_utils import activation_classes, check_bits  # noqa: E402
 from utils.activation_ranges import measure_activation_ranges, stats_table, write_csv, write_figure  # noqa: E402
 from utils.config import load_options, options_from_dict, parse_override  # noqa: E402
 from utils.data import build_test_loader, find_image_folder  # noqa: E402
@@ -132,7 +133,8 @@ def run(args) -> dict:
         images = _noise_batch(options, args.batch_size, generator)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        stats = measure_activation_ranges(teacher.to(device), images.to(device), bits)
+        stats = measure_activation_ranges(teacher.to(device), images.to(device), bits,
+                                          activation_classes(options.act_types))
     except ValueError as error:
         raise UserError(str(error)) from None
 
@@ -148,7 +150,8 @@ def run(args) -> dict:
              f"A{bits}")
     table = stats_table(stats, bits)
     with open(stem + ".md", "w") as f:
-        f.write(f"Activation ranges of {title}: the output of each ReLU/ReLU6 (the input of each QuantAct).\n"
+        f.write(f"Activation ranges of {title}: the output of each activation of act_types = "
+                f"{list(options.act_types)} (the input of each QuantAct).\n"
                 f"Relative error = ||Q(x) - x||^2 / ||x||^2 over the batch; spread = largest / median range "
                 f"(dead channels left out).\n\n{table}")
     write_csv(stats, stem + ".csv")

@@ -3,7 +3,8 @@
 GranQ's motivating observation: within one layer the channels' ranges differ by large factors, so one
 range per layer wastes most of the grid on the widest channels and the narrow ones collapse to a few
 levels. This module measures that at every position where the student gets a QuantAct (the output of
-each ReLU / ReLU6), from forward hooks registered by module name on the float teacher.
+each activation of ``act_types``, ReLU / ReLU6 by default), from forward hooks registered by module name on
+the float teacher.
 
 Quantizers compared, all at the same bit-width and asymmetric grid, named as the ``act_mode`` that
 quantizes the student's activations that way:
@@ -39,7 +40,7 @@ QUANTIZERS = ("layerwise", "channel", "granq")
 
 @dataclass
 class LayerStats:
-    """Ranges and quantization errors of one activation (one call of one ReLU/ReLU6 module)."""
+    """Ranges and quantization errors of one activation (one call of one activation module)."""
 
     name: str
     shape: tuple  # of the activation, batch first
@@ -95,8 +96,10 @@ def activation_stats(x: torch.Tensor, bits: int, name: str = "") -> LayerStats:
 
 
 @torch.no_grad()
-def measure_activation_ranges(model: nn.Module, images: torch.Tensor, bits: int) -> list[LayerStats]:
-    """:func:`activation_stats` of every ReLU/ReLU6 output of ``model`` on ``images``, in call order.
+def measure_activation_ranges(model: nn.Module, images: torch.Tensor, bits: int,
+                              activations: tuple[type, ...] = ACTIVATIONS) -> list[LayerStats]:
+    """:func:`activation_stats` of the output of every module of ``activations`` (the classes of the
+    ``act_types``; ReLU and ReLU6 by default) in ``model`` on ``images``, in call order.
 
     Statistics are computed inside the hooks, so no activation is kept and large models fit. A module
     called more than once gets ``#2``, ``#3``... after its name.
@@ -113,9 +116,10 @@ def measure_activation_ranges(model: nn.Module, images: torch.Tensor, bits: int)
         return hook
 
     handles = [module.register_forward_hook(hook_for(name))
-               for name, module in model.named_modules() if isinstance(module, ACTIVATIONS)]
+               for name, module in model.named_modules() if isinstance(module, activations)]
     if not handles:
-        raise ValueError("the model has no ReLU/ReLU6 modules: no QuantAct positions to measure")
+        names = ", ".join(cls.__name__ for cls in activations)
+        raise ValueError(f"the model has no {names} module: no QuantAct positions to measure (set act_types)")
     was_training = model.training
     try:
         model.eval()

@@ -57,6 +57,27 @@ def test_every_quantact_position_is_measured_and_hooks_removed():
     assert ratios[len(ratios) // 2] > 1
 
 
+def test_act_types_choose_the_positions_measured(tmp_path, capsys):
+    from .user_models import tiny_hardswish_net
+
+    model = tiny_hardswish_net()
+    hardswish = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Hardswish)]
+    stats = measure_activation_ranges(model, torch.randn(4, 3, 16, 16), 4, (torch.nn.Hardswish,))
+    assert [s.name for s in stats] == hardswish and len(hardswish) == 2
+    with pytest.raises(ValueError, match="no ReLU, ReLU6 module"):
+        measure_activation_ranges(model, torch.randn(4, 3, 16, 16), 4)
+    tool = _tool()
+    common = ["--conf_path", CIFAR10_CONF, "--set", "network=tests.e2e.user_models:tiny_hardswish_net",
+              "--set", "teacher_weights=random", "--set", "img_size=16", "--source", "noise", "--batch-size", "4",
+              "--output-dir", str(tmp_path)]
+    assert tool.main(common) == 2
+    assert "no ReLU, ReLU6 module" in capsys.readouterr().err
+    paths = tool.run(tool.build_parser().parse_args(common + ["--set", "act_types=[hardswish]"]))
+    _check_outputs(paths, layers=2)
+    with open(paths["table"]) as f:
+        assert "act_types = ['hardswish']" in f.read()
+
+
 def _check_outputs(paths, layers):
     with open(paths["figure"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
