@@ -3,7 +3,9 @@
     python tools/results_table.py RUN_DIR_OR_FOLDER... [--metric student_top1|best_top1] [--output FILE]
 
 Every summary.json under the given paths counts once; runs that share dataset, network, teacher,
-bit-widths, act_mode, weight_granularity and training length are averaged (mean ± std over seeds).
+bit-widths, act_mode, weight_granularity, training length and the other options of their config.hocon
+(all but those that only place or name a run) are averaged (mean ± std over seeds); runs that differ in
+such an option, a schedule for instance, get one table per value, named in its heading.
 """
 
 import argparse

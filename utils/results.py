@@ -1,6 +1,8 @@
 """Collect runs' ``summary.json`` files into paper-style markdown tables with the published numbers beside.
 
-Layout, one table per quantizer setting (act_mode, weight_granularity) and training length:
+Layout, one table per quantizer setting (act_mode, weight_granularity), training length and value of any
+other option that differs between runs of one cell (read from each run's ``config.hocon``, see
+:data:`NOT_SETTINGS`):
 rows are dataset and model (with the teacher), columns the bit-widths (W3A3, W4A4, W5A5 always, others
 when present); each cell is the mean ± sample standard deviation of the chosen metric over the runs
 (seeds) that share the row, the bit-width and the setting, with their count, and a "paper" column beside
@@ -16,6 +18,8 @@ import os
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
+
+from pyhocon import ConfigFactory
 
 from .errors import UserError
 from .published import (
@@ -36,6 +40,14 @@ logger = logging.getLogger(__name__)
 METRICS = ("student_top1", "best_top1")
 STANDARD_BITS = ((3, 3), (4, 4), (5, 5))
 SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.hocon"  # the run's resolved options, beside its summary
+# Options that place or name a run, or change how fast it runs but not what it learns, and those the rows and
+# tables already show. Runs of one cell that differ in any other option (a schedule, a loss weight, a batch
+# size) are kept apart, each in a table that names its value, rather than averaged as seeds.
+NOT_SETTINGS = frozenset({"save_path", "dataPath", "experimentID", "GPU", "nGPU", "visible_devices", "nThreads",
+                          "granq_impl", "deterministic", "log_interval", "tensorboard", "test_batch_size",
+                          "teacher_weights", "dataset", "network", "nClasses", "qw", "qa", "act_mode",
+                          "weight_granularity", "nEpochs", "iters_per_epoch"})
 
 ACT_MODE_TEXT = {"granq": "one range per (sample, channel), GranQ", "layerwise": "one range per layer, GDFQ family",
                  "channel": "one range per channel, shared by all samples"}
@@ -75,8 +87,20 @@ def load_summaries(paths) -> list[dict]:
         missing = [k for k in ("dataset", "network", "qw", "qa", "act_mode", "weight_granularity") if k not in summary]
         if missing:
             raise UserError(f"{file} lacks {', '.join(missing)}: is it a summary.json of this project?")
-        summaries.append({**summary, "summary_path": file})
+        summaries.append({**summary, "summary_path": file, "options": _run_options(file)})
     return summaries
+
+
+def _run_options(summary_file: str) -> dict:
+    """The options in the ``config.hocon`` beside ``summary_file``; {} where there is none."""
+    path = os.path.join(os.path.dirname(summary_file), CONFIG_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        return dict(ConfigFactory.parse_file(path).as_plain_ordered_dict())
+    except Exception as error:  # pyhocon raises its own and pyparsing's exceptions
+        logger.warning("%s is unreadable (%s): runs are compared without its options", path, error)
+        return {}
 
 
 def mean_std(values) -> tuple[float, float | None, int]:
@@ -115,6 +139,32 @@ class _Setting:
     weight_granularity: str
     epochs: int
     iters_per_epoch: int
+    options: tuple = ()  # (key, value as text) of the options that tell this setting's runs from others
+
+
+def _cell(summary: dict) -> tuple:
+    """What identifies one table cell: runs with the same cell are seeds, averaged together."""
+    return (summary["dataset"], summary["network"], _teacher_name(summary), summary["qw"], summary["qa"],
+            summary["act_mode"], summary["weight_granularity"], summary.get("epochs", -1),
+            summary.get("iters_per_epoch", -1))
+
+
+def _differing_options(runs: list[dict]) -> list[str]:
+    """The options (beyond :data:`NOT_SETTINGS`) whose values differ between runs of one cell."""
+    cells = defaultdict(list)
+    for s in runs:
+        cells[_cell(s)].append(s.get("options", {}))
+    keys = set()
+    for options in cells.values():
+        for key in set().union(*options) - NOT_SETTINGS:
+            if len({json.dumps(o.get(key)) for o in options}) > 1:
+                keys.add(key)
+    return sorted(keys)
+
+
+def _option_text(options: dict, key: str) -> str:
+    value = options.get(key)
+    return "?" if value is None else value if isinstance(value, str) else json.dumps(value)
 
 
 def _teacher_name(summary: dict) -> str:
@@ -142,7 +192,8 @@ def _table(setting: _Setting, runs: list[dict], metric: str, published) -> list[
         header += [bits_label(qw, qa), f"paper {bits_label(qw, qa)}"]
     lines = [
         f"### act_mode = {setting.act_mode}, weight_granularity = {setting.weight_granularity}, "
-        f"{setting.epochs} epochs x {setting.iters_per_epoch} iterations",
+        f"{setting.epochs} epochs x {setting.iters_per_epoch} iterations"
+        + "".join(f", {key} = {value}" for key, value in setting.options),
         "",
         f"Activations: {ACT_MODE_TEXT.get(setting.act_mode, setting.act_mode)}. "
         f"Weights: {GRANULARITY_TEXT.get(setting.weight_granularity, setting.weight_granularity)}.",
@@ -178,9 +229,11 @@ def results_markdown(summaries: list[dict], metric: str = "student_top1") -> str
     if not usable:
         raise UserError(f"no run with a {metric} to tabulate")
     settings = defaultdict(list)
+    differing = _differing_options(usable)
     for s in usable:
+        options = tuple((key, _option_text(s.get("options", {}), key)) for key in differing)
         settings[_Setting(s["act_mode"], s["weight_granularity"], s.get("epochs", -1),
-                          s.get("iters_per_epoch", -1))].append(s)
+                          s.get("iters_per_epoch", -1), options)].append(s)
     published = published_index()
     what = {"student_top1": "top-1 (%) of the student after the last epoch",
             "best_top1": "best top-1 (%) over the evaluated epochs (chosen on the test set, so optimistic)"}[metric]

@@ -93,6 +93,33 @@ def test_runs_of_different_teachers_or_lengths_are_not_averaged(tmp_path):
     assert "2 epochs x 200 iterations" in text
 
 
+def _config(folder, **values):
+    options = {"save_path": str(folder), "experimentID": "x", "nThreads": 8, "lr_S": 0.0001,
+               "lrPolicy_S": "multi_step", "step_S": [100, 200, 300], **values}
+    (folder / "config.hocon").write_text("".join(f"{key} = {json.dumps(v)}\n" for key, v in options.items()))
+
+
+def test_runs_that_differ_in_an_option_are_separate_tables(tmp_path):
+    for name, top1 in (("a", 80.0), ("b", 82.0), ("c", 70.0), ("d", 60.0)):
+        _summary(tmp_path / name, student_top1=top1)
+    _config(tmp_path / "a", lrPolicy_S="cosine", nThreads=1, experimentID="y")
+    _config(tmp_path / "b", lrPolicy_S="cosine")  # a seed of "a": place, name and threads do not count
+    _config(tmp_path / "c")
+    _config(tmp_path / "d", step_S=[50])
+    _summary(tmp_path / "e", dataset="cifar100", network="resnet20_cifar100", student_top1=50.0)
+    _config(tmp_path / "e", lr_S=0.001)  # alone in its cell: nothing to tell apart
+    text = results_markdown(load_summaries([str(tmp_path)]))
+    headings = re.findall(r"^### act_mode.*$", text, flags=re.M)
+    prefix = "### act_mode = granq, weight_granularity = kernel, 200 epochs x 200 iterations, "
+    assert headings == [prefix + "lrPolicy_S = cosine, step_S = [100, 200, 300]",
+                        prefix + "lrPolicy_S = multi_step, step_S = [100, 200, 300]",
+                        prefix + "lrPolicy_S = multi_step, step_S = [50]"]
+    tables = text.split("### ")[1:]
+    assert "81.00 ± 1.41 (n=2)" in tables[0] and "CIFAR-100" not in tables[0]
+    assert "70.00 (n=1)" in tables[1] and "50.00 (n=1)" in tables[1]  # lr_S differs, but not within a cell
+    assert "60.00 (n=1)" in tables[2]
+
+
 def test_each_summary_counts_once(runs):
     assert len(find_summaries([str(runs), str(runs / "a"), str(runs / "a" / "summary.json")])) == 5
     with pytest.raises(UserError, match="does not exist"):
