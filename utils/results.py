@@ -41,8 +41,8 @@ METRICS = ("student_top1", "best_top1")
 STANDARD_BITS = ((3, 3), (4, 4), (5, 5))
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.hocon"  # the run's resolved options, beside its summary
-# Options that place or name a run, or change how fast it runs but not what it learns, and those the rows and
-# tables already show. Runs of one cell that differ in any other option (a schedule, a loss weight, a batch
+# Options that place or name a run, or change its speed or random stream but not its method, and those the
+# rows and tables already show. Runs of one cell that differ in any other option (a schedule, a loss weight, a batch
 # size) are kept apart, each in a table that names its value, rather than averaged as seeds.
 NOT_SETTINGS = frozenset({"save_path", "dataPath", "experimentID", "GPU", "nGPU", "visible_devices", "nThreads",
                           "granq_impl", "deterministic", "log_interval", "tensorboard", "test_batch_size",
@@ -150,10 +150,12 @@ def _cell(summary: dict) -> tuple:
 
 
 def _differing_options(runs: list[dict]) -> list[str]:
-    """The options (beyond :data:`NOT_SETTINGS`) whose values differ between runs of one cell."""
+    """The options (beyond :data:`NOT_SETTINGS`) whose values differ between runs of one cell. Runs without
+    a readable ``config.hocon`` take no part here; their tables show ``?`` for these options."""
     cells = defaultdict(list)
     for s in runs:
-        cells[_cell(s)].append(s.get("options", {}))
+        if s.get("options"):
+            cells[_cell(s)].append(s["options"])
     keys = set()
     for options in cells.values():
         for key in set().union(*options) - NOT_SETTINGS:

@@ -108,16 +108,19 @@ def test_runs_that_differ_in_an_option_are_separate_tables(tmp_path):
     _config(tmp_path / "d", step_S=[50])
     _summary(tmp_path / "e", dataset="cifar100", network="resnet20_cifar100", student_top1=50.0)
     _config(tmp_path / "e", lr_S=0.001)  # alone in its cell: nothing to tell apart
+    _summary(tmp_path / "f", dataset="cifar100", network="resnet20_cifar100", student_top1=52.0)  # no config
     text = results_markdown(load_summaries([str(tmp_path)]))
     headings = re.findall(r"^### act_mode.*$", text, flags=re.M)
     prefix = "### act_mode = granq, weight_granularity = kernel, 200 epochs x 200 iterations, "
-    assert headings == [prefix + "lrPolicy_S = cosine, step_S = [100, 200, 300]",
+    assert headings == [prefix + "lrPolicy_S = ?, step_S = ?",  # "f": its options are unknown
+                        prefix + "lrPolicy_S = cosine, step_S = [100, 200, 300]",
                         prefix + "lrPolicy_S = multi_step, step_S = [100, 200, 300]",
                         prefix + "lrPolicy_S = multi_step, step_S = [50]"]
     tables = text.split("### ")[1:]
-    assert "81.00 ± 1.41 (n=2)" in tables[0] and "CIFAR-100" not in tables[0]
-    assert "70.00 (n=1)" in tables[1] and "50.00 (n=1)" in tables[1]  # lr_S differs, but not within a cell
-    assert "60.00 (n=1)" in tables[2]
+    assert "52.00 (n=1)" in tables[0] and "CIFAR-10 |" not in tables[0]
+    assert "81.00 ± 1.41 (n=2)" in tables[1] and "CIFAR-100" not in tables[1]
+    assert "70.00 (n=1)" in tables[2] and "50.00 (n=1)" in tables[2]  # lr_S differs, but not within a cell
+    assert "60.00 (n=1)" in tables[3]
 
 
 def test_each_summary_counts_once(runs):
