@@ -14,7 +14,7 @@ from .fused import weight_function
 from .modules import QuantAct, QuantConv2d, QuantLinear, WeightQuant
 
 __all__ = ["ACTIVATIONS", "ACT_TYPES", "DEFAULT_ACT_TYPES", "STUDENT_KEYS", "activation_classes", "count_modules",
-           "quantize_model", "rebuild_student", "set_act_tracking", "shared_act_quantizers",
+           "has_tracked_ranges", "quantize_model", "rebuild_student", "set_act_tracking", "shared_act_quantizers",
            "unquantized_inputs"]
 
 # The activation modules that ``act_types`` may name. Each one found is followed by a QuantAct, whose output
@@ -136,6 +136,12 @@ def set_act_tracking(model: nn.Module, tracking: bool) -> None:
             module.unfix() if tracking else module.fix()
 
     model.apply(apply)
+
+
+def has_tracked_ranges(model: nn.Module) -> bool:
+    """Whether any activation quantizer of ``model`` tracks ranges (layer-wise, channel-wise), which must be
+    calibrated before use."""
+    return any(isinstance(m, QuantAct) and m.tracks_ranges for m in model.modules())
 
 
 def count_modules(model: nn.Module, types) -> int:

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
-__all__ = ["EvalTransform", "ModelSpec", "build_teacher", "check_teacher", "get_model_spec", "load_weights_file",
-           "model_names", "register_model"]
+__all__ = ["EvalTransform", "ModelSpec", "build_teacher", "check_teacher", "example_image", "get_model_spec",
+           "load_weights_file", "model_names", "register_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -378,18 +378,22 @@ def build_teacher(network: str, teacher_weights: str = "") -> tuple[nn.Module, s
     return model, source
 
 
+def example_image(channels: int, image_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """One fixed random image (1 x ``channels`` x ``image_size``^2) for start-up checks. It comes from its own
+    generator, so a check leaves the global random stream, and so the run, as it was."""
+    return torch.randn(1, channels, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
+
+
 def check_teacher(model: nn.Module, network: str, num_classes: int, image_size: int, channels: int = 3) -> None:
     """Raise UserError unless ``model`` has a BatchNorm layer and maps a ``channels`` x ``image_size``^2 image
     to ``num_classes`` logits: what training needs of a teacher, checked before a run starts."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise UserError(f"network {network!r} has no BatchNorm layer: the BN-statistics loss of the generator "
                         f"needs the running statistics of at least one; pick a model with BatchNorm")
-    # A fixed generator, so that the check leaves the global random stream (and so the run) as it was.
-    image = torch.randn(1, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    device = next(model.parameters(), torch.empty(0)).device
+    image = example_image(channels, image_size, next(model.parameters(), torch.empty(0)).device)
     try:
         with torch.no_grad():
-            logits = model.eval()(image.to(device))
+            logits = model.eval()(image)
     except Exception as error:  # any layer of any model may reject the size
         raise UserError(f"network {network!r} cannot run on {image_size}x{image_size} images "
                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "

@@ -21,7 +21,14 @@ import traceback
 import numpy as np
 import torch
 
-from quantization_utils import QuantAct, QuantConv2d, QuantLinear, granq_path, shared_act_quantizers, unquantized_inputs
+from quantization_utils import (
+    QuantConv2d,
+    QuantLinear,
+    granq_path,
+    has_tracked_ranges,
+    shared_act_quantizers,
+    unquantized_inputs,
+)
 
 from . import distributed
 from .config import LEGACY_KEYS, load_options, options_from_dict
@@ -29,7 +36,7 @@ from .data import build_test_loader
 from .devices import configure_backends
 from .errors import UserError
 from .evaluate import evaluate_saved
-from .models import build_teacher, check_teacher
+from .models import build_teacher, check_teacher, example_image
 from .plots import plot_run
 from .run_files import RunFileError, find_checkpoint, load_run_file
 from .stopping import RunInterrupted
@@ -129,9 +136,8 @@ def log_unquantized_inputs(student: torch.nn.Module, options, device) -> list[st
     """Log (and return) the Conv2d / Linear layers whose input no quantized activation precedes: they stay
     in float on integer hardware, or need an activation type added to ``act_types``. Warn when a quantizer
     that tracks ranges is called at several places per forward (a reused activation module)."""
-    image = torch.randn(1, options.channels, options.img_size, options.img_size,
-                        generator=torch.Generator().manual_seed(0))  # leaves the run's random stream alone
-    names = unquantized_inputs(student, image.to(device))
+    image = example_image(options.channels, options.img_size, device)
+    names = unquantized_inputs(student, image)
     layers = {name: m for name, m in student.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
     logger.info("%d of %d Conv2d/Linear layers read inputs that no quantized activation (act_types = %s) "
                 "precedes, so they compute on float inputs: %s", len(names), len(layers), options.act_types,
@@ -140,8 +146,7 @@ def log_unquantized_inputs(student: torch.nn.Module, options, device) -> list[st
     if float_weights:
         logger.warning("%d layers are subclasses of Conv2d/Linear with their own forward and keep float weights: %s",
                        len(float_weights), _first(float_weights))
-    tracked = any(isinstance(m, QuantAct) and m.tracks_ranges for m in student.modules())
-    shared = shared_act_quantizers(student, image.to(device)) if tracked else {}
+    shared = shared_act_quantizers(student, image) if has_tracked_ranges(student) else {}
     if shared:
         logger.warning("%d activation quantizers are called at several places per forward (one activation module "
                        "reused), so each keeps one range for all its places (act_mode = %s): %s", len(shared),

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn as nn
 
-from quantization_utils import QuantAct, quantize_model, set_act_tracking
+from quantization_utils import has_tracked_ranges, quantize_model, set_act_tracking
 
 from . import distributed
 from .errors import UserError
@@ -205,7 +205,7 @@ class Trainer:
 
     def calibrate_act_ranges(self) -> None:
         """Fill tracked activation ranges (layer-wise, channel-wise) from generator images (runs without training)."""
-        if not any(isinstance(m, QuantAct) and m.tracks_ranges for m in self.student.modules()):
+        if not has_tracked_ranges(self.student):
             return
         logger.info("calibrating %s activation ranges on %d generated batches", self.options.act_mode,
                     self.options.iters_per_epoch)
