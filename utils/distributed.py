@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .devices import cuda_device
 
-__all__ = ["all_gather_objects", "all_reduce", "broadcast_object", "init_from_env", "is_distributed", "rank",
+__all__ = ["all_gather_objects", "all_reduce", "barrier", "broadcast_object", "init_from_env", "is_distributed", "rank",
            "replica_checksums", "shutdown", "world_size", "wrap"]
 
 
@@ -43,6 +43,12 @@ def init_from_env(gpu: int = 0) -> torch.device:
     if distributed and not is_distributed():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def barrier() -> None:
+    """Wait until every process gets here; a no-op in a single process."""
+    if is_distributed():
+        dist.barrier()
 
 
 def shutdown() -> None:

@@ -216,6 +216,9 @@ def run(args) -> dict:
             plot_run(prepared.run_dir)
             with open(os.path.join(prepared.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
+        # The other ranks wait for rank 0's plots and summary: a rank that tears down the process group while
+        # a peer still works can make Gloo abort the peer at exit ("terminate called without an active exception").
+        distributed.barrier()
         return summary
     finally:
         prepared.close()
