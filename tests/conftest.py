@@ -38,16 +38,20 @@ def make_image_folder(root, classes: int, per_class: int, size: int, seed: int =
 @pytest.fixture(autouse=True)
 def restore_backend_flags():
     """Runs set process-wide flags (utils.devices.configure_backends); later tests start from torch's own."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32,
-             matmul.allow_tf32, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    from utils.devices import set_tf32_settings, tf32_settings
+
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    tf32 = tf32_settings()
     yield
     torch.use_deterministic_algorithms(saved[0])
-    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved[1:5]
-    if saved[5] is None:
+    cudnn.deterministic, cudnn.benchmark = saved[1:3]
+    set_tf32_settings(tf32)
+    if saved[3] is None:
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     else:
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[5]
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[3]
 
 
 @pytest.fixture(scope="session")

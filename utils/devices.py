@@ -13,12 +13,47 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["CUBLAS_WORKSPACE", "backend_flags", "configure_backends", "cuda_device"]
+__all__ = ["CUBLAS_WORKSPACE", "backend_flags", "configure_backends", "cuda_device", "set_tf32_settings",
+           "tf32_settings"]
 
 # cuBLAS is deterministic only with a fixed workspace (CUDA's documentation; torch checks the variable).
 CUBLAS_WORKSPACE = ":4096:8"
+# Where torch has the ``fp32_precision`` settings, TF32 is set and read through them only: torch warns about the
+# legacy ``allow_tf32`` flags, and refuses to read them once the new settings were used.
+_PRECISION_API = hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
+
+
+def tf32_settings() -> dict:
+    """The TF32 settings as they are: ``fp32_precision`` strings, or the legacy booleans."""
+    if _PRECISION_API:
+        return {"conv": torch.backends.cudnn.conv.fp32_precision, "rnn": torch.backends.cudnn.rnn.fp32_precision,
+                "matmul": torch.backends.cuda.matmul.fp32_precision}
+    return {"conv": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+
+
+def set_tf32_settings(settings: dict) -> None:
+    """Set what :func:`tf32_settings` returned (tests restore the settings with it)."""
+    if _PRECISION_API:
+        torch.backends.cudnn.conv.fp32_precision = settings["conv"]
+        torch.backends.cudnn.rnn.fp32_precision = settings["rnn"]
+        torch.backends.cuda.matmul.fp32_precision = settings["matmul"]
+    else:
+        torch.backends.cudnn.allow_tf32 = settings["conv"]
+        torch.backends.cuda.matmul.allow_tf32 = settings["matmul"]
+
+
+def _allows_tf32(setting) -> bool:
+    """Whether a setting of :func:`tf32_settings` lets TF32 be used; ``"none"`` inherits the global setting."""
+    if isinstance(setting, bool):
+        return setting
+    if setting == "none":
+        setting = getattr(torch.backends, "fp32_precision", "none")
+    return setting == "tf32"
+
+
 # torch's own TF32 settings in this process before any run changed them: what ``deterministic = false`` keeps.
-_DEFAULT_TF32 = {"conv": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+_DEFAULT_TF32 = tf32_settings()
+_NO_TF32 = {key: "ieee" if _PRECISION_API else False for key in _DEFAULT_TF32}
 
 
 def cuda_device(index: int, source: str) -> torch.device:
@@ -54,8 +89,7 @@ def configure_backends(deterministic: bool, device: torch.device) -> dict:
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
-    torch.backends.cudnn.allow_tf32 = _DEFAULT_TF32["conv"] and not deterministic
-    torch.backends.cuda.matmul.allow_tf32 = _DEFAULT_TF32["matmul"] and not deterministic
+    set_tf32_settings(_NO_TF32 if deterministic else _DEFAULT_TF32)
     return backend_flags(device)
 
 
@@ -66,9 +100,9 @@ def backend_flags(device: torch.device) -> dict:
     On the CPU neither cuDNN nor TF32 is used, so both read false whatever the flags hold.
     """
     cuda = device.type == "cuda"
+    tf32 = tf32_settings()
     return {
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "cudnn_benchmark": cuda and torch.backends.cudnn.benchmark,
-        "tf32": {"conv": cuda and torch.backends.cudnn.allow_tf32,
-                 "matmul": cuda and torch.backends.cuda.matmul.allow_tf32},
+        "tf32": {"conv": cuda and _allows_tf32(tf32["conv"]), "matmul": cuda and _allows_tf32(tf32["matmul"])},
     }

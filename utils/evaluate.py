@@ -13,7 +13,7 @@ from quantization_utils import STUDENT_KEYS, granq_path, rebuild_student
 
 from . import distributed
 from .config import options_from_dict, parse_override
-from .data import build_test_loader
+from .data import build_test_loader, close_workers
 from .devices import configure_backends, cuda_device
 from .errors import UserError
 from .models import get_model_spec
@@ -112,7 +112,10 @@ def evaluate_saved(path: str, data_path: str | None = None, overrides: typing.It
     backends = configure_backends(options.deterministic, device)
     loader = build_test_loader(options, device)
     # The default layout, as the trainer evaluates: the run's own accuracy is repeated bit for bit.
-    top1, top5 = evaluate(student.to(device), loader, device)
+    try:
+        top1, top5 = evaluate(student.to(device), loader, device)
+    finally:
+        close_workers(loader)
     # checkpoint.pt records its last evaluation as last_top1, best_student.pt its own as top1.
     recorded = record.get("last_top1", record.get("top1"))
     summary = {

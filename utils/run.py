@@ -31,8 +31,8 @@ from quantization_utils import (
 )
 
 from . import distributed
-from .config import LEGACY_KEYS, load_options, options_from_dict
-from .data import build_test_loader
+from .config import LEGACY_KEYS, load_options, options_from_dict, parse_override
+from .data import build_test_loader, close_workers
 from .devices import configure_backends
 from .errors import UserError
 from .evaluate import evaluate_saved
@@ -42,10 +42,13 @@ from .run_files import RunFileError, find_checkpoint, load_run_file
 from .stopping import RunInterrupted
 from .trainer import Trainer
 
-__all__ = ["Run", "build_parser", "main", "make_run_dir", "run", "setup"]
+__all__ = ["RESUME_KEYS", "Run", "build_parser", "main", "make_run_dir", "run", "setup"]
 
 logger = logging.getLogger("granq")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+# Keys a resumed run may change: where and how it evaluates, logs and computes, never what it trains.
+RESUME_KEYS = ("GPU", "dataPath", "nThreads", "test_batch_size", "log_interval", "eval_every", "eval_start_epoch",
+               "eval_cache", "tensorboard")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key; repeatable")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    parser.add_argument("--force", action="store_true", help="resume even if the config differs from the run's")
+    parser.add_argument("--force", action="store_true",
+                        help="with --resume: accept changes to keys that change the trained student (by default "
+                             f"only {', '.join(RESUME_KEYS)} may change)")
     parser.add_argument("--eval", metavar="RUN_DIR_OR_FILE",
                         help="evaluate a saved student (a run directory or a .pt file) and print its summary; "
                              "--set dataPath=... points it at the test set")
@@ -107,15 +112,29 @@ def _load_checkpoint(run_dir: str) -> dict:
 
 
 def _resume_options(args, checkpoint: dict):
+    """The run's own options, with the changes that ``--conf_path``, ``--set``, ``--qw`` and ``--qa`` ask for.
+
+    Changes to :data:`RESUME_KEYS` are applied and logged; any other change is refused unless ``--force``.
+    """
     saved = options_from_dict(checkpoint["options"])
-    if not args.conf_path:
-        return saved
-    requested = load_options(args.conf_path, args.set, qw=args.qw, qa=args.qa)
+    if args.conf_path:
+        requested = load_options(args.conf_path, args.set, qw=args.qw, qa=args.qa)
+    else:
+        values = saved.to_dict()
+        for text in args.set:
+            key, value = parse_override(text)
+            values[key] = value
+        values.update({key: value for key, value in (("qw", args.qw), ("qa", args.qa)) if value is not None})
+        requested = options_from_dict(values)
     changed = {k: (v, getattr(requested, k)) for k, v in saved.to_dict().items() if getattr(requested, k) != v}
-    if changed and not args.force:
-        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise UserError(f"--resume: the config differs from the run's ({listed}); drop --conf_path/--set to "
-                        f"use the run's own config, or add --force")
+    refused = {k: change for k, change in changed.items() if k not in RESUME_KEYS}
+    if refused and not args.force:
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise UserError(f"--resume: {', '.join(refused)} cannot change in a resumed run ({listed}); a resumed run "
+                        f"may change only {', '.join(RESUME_KEYS)}. Add --force to change the others anyway")
+    for key, (old, new) in changed.items():
+        logger.info("--resume: %s changed from %r to %r%s", key, old, new,
+                    " (--force)" if key in refused else "")
     return requested
 
 
@@ -126,6 +145,7 @@ class Run:
         self.trainer, self.run_dir, self._log_handler = trainer, run_dir, log_handler
 
     def close(self) -> None:
+        close_workers(self.trainer.test_loader)
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
@@ -172,8 +192,9 @@ def setup(args) -> Run:
         run_id, seed = args.id, args.id + 1
     device = distributed.init_from_env(options.GPU)
     backends = configure_backends(options.deterministic, device)  # before the first CUDA computation
-    # Every rank draws its own noise; DDP gives all of them rank 0's initial weights.
-    seed_everything(seed + 1000 * distributed.rank())
+    # One global stream on every rank: the same random teacher (teacher_weights = random) and generator
+    # weights everywhere. Each rank's training noise has its own stream (utils.trainer.noise_generator).
+    seed_everything(seed)
 
     # Everything that can fail on bad input happens before the run directory exists.
     teacher, teacher_source = build_teacher(options.network, options.teacher_weights)

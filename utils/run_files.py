@@ -42,25 +42,39 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def capture_rng() -> dict:
-    """This process's random states (torch, CUDA, Python, NumPy)."""
+def capture_rng(device: torch.device | None = None, noise: torch.Generator | None = None) -> dict:
+    """This process's random states: torch's, Python's, NumPy's, the CUDA state of ``device`` (its own GPU,
+    not every visible one) and the state of the training noise generator ``noise``."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if noise is not None:
+        state["noise"] = noise.get_state()
     return state
 
 
-def restore_rng(state: dict) -> None:
-    """Undo everything drawn since :func:`capture_rng` returned ``state``."""
+def restore_rng(state: dict, device: torch.device | None = None, noise: torch.Generator | None = None) -> None:
+    """Undo everything drawn since :func:`capture_rng` returned ``state``.
+
+    The CUDA state goes to ``device`` whatever its index, so a run may resume on a machine with other GPUs
+    visible. Files of earlier versions hold a list with one state per visible GPU: the entry of ``device``'s
+    index is restored. A file without a ``noise`` state (written before the noise had its own stream) leaves
+    ``noise`` as seeded.
+    """
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        saved, visible = len(state["cuda"]), torch.cuda.device_count()
-        if saved > visible:
-            raise RunFileError(f"the checkpoint holds the random states of {saved} GPU(s) but {visible} are visible; "
-                               f"resume with as many GPUs as the run was written with")
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):
+        index = device.index or 0 if device is not None else 0
+        if index >= len(cuda):
+            raise RunFileError(f"the checkpoint holds the random states of {len(cuda)} GPU(s), none for GPU "
+                               f"{index}; resume it on one of GPUs 0..{len(cuda) - 1}")
+        cuda = cuda[index]
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+    if noise is not None and "noise" in state:
+        noise.set_state(state["noise"])
 
 
 def find_checkpoint(run_dir: str) -> str:

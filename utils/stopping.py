@@ -1,4 +1,4 @@
-"""Stopping a run cleanly: SIGINT/SIGTERM set a flag, the trainer checkpoints at the next agreed point."""
+"""Stopping a run cleanly: SIGINT, SIGTERM or SIGHUP set a flag, the trainer checkpoints at the next agreed point."""
 
 import contextlib
 import logging
@@ -9,7 +9,10 @@ import torch.distributed as dist
 
 from . import distributed
 
-__all__ = ["RunInterrupted", "StopRequest"]
+__all__ = ["STOP_SIGNALS", "RunInterrupted", "StopRequest"]
+
+# SIGTERM is what SLURM and most schedulers send before they kill a job; SIGHUP comes when the terminal closes.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 logger = logging.getLogger("granq")
 
@@ -25,7 +28,7 @@ class RunInterrupted(Exception):
 class StopRequest:
     """Whether a stop was requested, by a signal (while :meth:`handling_signals`) or by :meth:`request`.
 
-    The first SIGINT/SIGTERM asks the trainer to finish its step and write a checkpoint; a second one
+    The first of :data:`STOP_SIGNALS` asks the trainer to finish its step and write a checkpoint; a second one
     stops at once with KeyboardInterrupt.
     """
 
@@ -42,9 +45,8 @@ class StopRequest:
 
     @contextlib.contextmanager
     def handling_signals(self):
-        """Route SIGINT and SIGTERM to :meth:`request` inside the ``with`` block."""
-        previous = {s: signal.signal(s, lambda signum, frame: self.request(signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
+        """Route :data:`STOP_SIGNALS` to :meth:`request` inside the ``with`` block."""
+        previous = {s: signal.signal(s, lambda signum, frame: self.request(signum)) for s in STOP_SIGNALS}
         try:
             yield self
         finally:

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -27,12 +28,13 @@ from .progress import Progress, log_epoch
 from .run_files import BEST_STUDENT, CHECKPOINT, atomic_save, capture_rng, restore_rng, student_record
 from .stopping import RunInterrupted, StopRequest
 
-__all__ = ["LOSS_NAMES", "Trainer"]
+__all__ = ["LOSS_NAMES", "Trainer", "noise_generator"]
 
 logger = logging.getLogger("granq")
 
 # Per-iteration values recorded on the device; read back once per log interval.
 LOSS_NAMES = ("loss_G", "marginal", "onehot", "bns", "loss_S", "teacher_acc")
+NOISE_STREAM = 0x6E6F6973  # mixed into the noise generator's seed
 # Trainer attributes saved in checkpoint.pt as they are.
 _RUN_STATE = ("epoch", "iteration", "best_top1", "best_top5", "last_top1", "last_top5", "teacher_top1",
               "teacher_top5", "metrics", "elapsed")
@@ -42,6 +44,14 @@ def resnet_memory_format(device: torch.device) -> torch.memory_format:
     """Layout of the teacher and the student during training: channels_last on the CPU, where oneDNN runs
     their convolutions faster (docs/speed.md; the generator gains nothing from it)."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+def noise_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator of one process's training noise, on ``device``, seeded from the run's seed and the rank."""
+    generator = torch.Generator(device=device)
+    # Distinct from the global stream seeded with ``seed`` (which initialises the generator network).
+    generator.manual_seed(int(np.random.SeedSequence([seed, rank, NOISE_STREAM]).generate_state(1, np.uint64)[0]))
+    return generator
 
 
 class Trainer:
@@ -64,6 +74,9 @@ class Trainer:
         self.generator_forward = distributed.wrap(self.generator, device)
         self.opt_S, self.opt_G = build_optimizers(options, self.student_params, self.generator_params)
         self.bn_stats = BNStatistics(self.teacher)
+        # The training noise (latents and labels) has a stream of its own, so that nothing else a run does
+        # (evaluating, its loader's workers, resuming) can move it.
+        self.noise = noise_generator(meta.get("seed", 0), distributed.rank(), device)  # benchmarks pass no seed
         self.epoch = self.iteration = 0  # the next epoch to run, and the next iteration within it
         self.history = None  # per-iteration losses of the current epoch, on the device
         self.best_top1 = self.best_top5 = self.last_top1 = self.last_top5 = None
@@ -86,7 +99,7 @@ class Trainer:
             self.options.to_dict(), self.meta, self.student.state_dict(),
             generator=self.generator.state_dict(), opt_S=self.opt_S.state_dict(), opt_G=self.opt_G.state_dict(),
             history=None if self.history is None else self.history.cpu(),
-            rng=distributed.all_gather_objects(capture_rng()),  # one entry per rank
+            rng=distributed.all_gather_objects(capture_rng(self.device, self.noise)),  # one entry per rank
             **{key: getattr(self, key) for key in _RUN_STATE})
 
     def load_state_dict(self, state: dict) -> None:
@@ -101,7 +114,7 @@ class Trainer:
         for key in _RUN_STATE:
             setattr(self, key, state[key])
         self.history = None if state["history"] is None else state["history"].to(self.device)
-        restore_rng(rng[distributed.rank()])
+        restore_rng(rng[distributed.rank()], self.device, self.noise)
 
     def save_checkpoint(self) -> str:
         """Write ``checkpoint.pt`` (rank 0); every rank must call this, as it gathers their RNG states."""
@@ -115,8 +128,8 @@ class Trainer:
     def sample_noise(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent vectors and uniformly drawn labels for one generator batch."""
         o = self.options
-        z = torch.randn(o.batchSize, o.latent_dim, device=self.device)
-        return z, torch.randint(0, o.nClasses, (o.batchSize,), device=self.device)
+        z = torch.randn(o.batchSize, o.latent_dim, device=self.device, generator=self.noise)
+        return z, torch.randint(0, o.nClasses, (o.batchSize,), device=self.device, generator=self.noise)
 
     def step(self, train_student: bool = True) -> torch.Tensor:
         """One iteration: update the generator, and the student unless ``train_student`` is False (warm-up).

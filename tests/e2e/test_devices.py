@@ -1,5 +1,5 @@
 """The command line and its devices: backend flags in the summary, GPU indices that are not there, resuming
-with fewer GPUs or processes. CUDA's presence is faked; no CUDA function runs."""
+with fewer processes. CUDA's presence is faked; no CUDA function runs."""
 
 import json
 import os
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import utils.evaluate as evaluate_module
-import utils.trainer as trainer_module
 
 from ..conftest import last_json, run_main, tiny_run_args
 
@@ -91,26 +90,6 @@ def copy_with_rng(finished_run, tmp_path, change) -> str:
     change(checkpoint["rng"])
     torch.save(checkpoint, path)
     return run_dir
-
-
-def test_resuming_with_fewer_gpus_is_an_error(finished_run, tmp_path, monkeypatch, capsys):
-    def two_gpus(rng):
-        rng[0]["cuda"] = [torch.get_rng_state(), torch.get_rng_state()]  # written on a machine with 2 GPUs
-
-    run_dir = copy_with_rng(finished_run, tmp_path, two_gpus)
-    real_load = trainer_module.Trainer.load_state_dict
-
-    def load_on_one_gpu(self, state):
-        # The trainer is built on the CPU; its random states are restored as on a machine with 1 GPU.
-        with monkeypatch.context() as patch:
-            fake_gpus(patch, 1)
-            return real_load(self, state)
-
-    monkeypatch.setattr(trainer_module.Trainer, "load_state_dict", load_on_one_gpu)
-    code, lines = run_main(["--resume", run_dir])
-    assert code == 2 and lines == []
-    assert error_line(capsys) == ("error: the checkpoint holds the random states of 2 GPU(s) but 1 are visible; "
-                                  "resume with as many GPUs as the run was written with")
 
 
 def test_resuming_with_fewer_processes_is_an_error(finished_run, tmp_path, capsys):

@@ -34,28 +34,44 @@ def without_timings(records):
     return [{k: v for k, v in r.items() if "seconds" not in k} for r in records]
 
 
-def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cifar_folder):
-    code, lines = run_main(resumable_args(tmp_path / "straight", cifar_folder))
-    assert code == 0
-    straight = last_json(lines)
-
-    save_path = tmp_path / "interrupted"
-    command = [sys.executable, os.path.join(ROOT, "CIFAR", "main.py"), *resumable_args(save_path, cifar_folder)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    run_dir = None
-    while time.time() < deadline and process.poll() is None:  # wait for epoch 1 to be recorded
-        runs = os.listdir(save_path) if save_path.exists() else []
-        if runs and os.path.exists(os.path.join(save_path, runs[0], "metrics.jsonl")):
-            run_dir = os.path.join(save_path, runs[0])
-            if metrics(run_dir):
-                break
+def wait_for(path, text: str, process, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(path) and text in open(path).read():
+            return
         time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, err
-    assert out == ""
-    assert f"Resume with: python {command[1]} --resume {run_dir}" in err
+    raise AssertionError(f"{text!r} never appeared in {path} (exit code {process.poll()})")
+
+
+@pytest.fixture(scope="module")
+def straight_with_workers(tmp_path_factory, cifar_folder):
+    """An uninterrupted run with 2 evaluation workers, the CPU's share of the CIFAR default (8)."""
+    save_path = tmp_path_factory.mktemp("straight")
+    code, lines = run_main(resumable_args(save_path, cifar_folder, "--set", "nThreads=2"))
+    assert code == 0
+    return last_json(lines)
+
+
+@pytest.mark.parametrize("signum, phase", [(signal.SIGTERM, "training"), (signal.SIGTERM, "evaluating"),
+                                           (signal.SIGINT, "evaluating")])
+def test_a_signal_to_the_process_group_checkpoints_and_resumes_to_the_same_student(
+        tmp_path, cifar_folder, straight_with_workers, signum, phase):
+    """As SLURM (SIGTERM) or a terminal (SIGINT) signals a whole process group, loader workers included."""
+    save_path = tmp_path / "interrupted"
+    err_path = tmp_path / "stderr.txt"
+    command = [sys.executable, os.path.join(ROOT, "tests", "e2e", "slow_main.py"),
+               *resumable_args(save_path, cifar_folder, "--set", "nThreads=2")]
+    with open(err_path, "w") as err:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    wait_for(err_path, f"slow_main: {phase} epoch 2", process)
+    os.killpg(process.pid, signum)
+    out, _ = process.communicate(timeout=120)
+    err = err_path.read_text()
+    assert process.returncode == 128 + signum, err
+    assert out == "" and "Traceback" not in err
+    (run_dir,) = [os.path.join(save_path, d) for d in os.listdir(save_path)]
+    assert f"{signal.Signals(signum).name} received" in err
+    assert f"--resume {run_dir}" in err
     assert not os.path.exists(os.path.join(run_dir, "summary.json"))
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert (checkpoint["epoch"], checkpoint["iteration"]) < (3, 0)
@@ -64,11 +80,26 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cifar_folder
     assert code == 0
     resumed = last_json(lines)
     assert resumed["run_dir"] == run_dir
-    assert {k: resumed[k] for k in ACCURACY_KEYS} == {k: straight[k] for k in ACCURACY_KEYS}
-    assert without_timings(metrics(run_dir)) == without_timings(metrics(straight["run_dir"]))
+    assert resumed["student_sha256"] == straight_with_workers["student_sha256"]
+    assert {k: resumed[k] for k in ACCURACY_KEYS} == {k: straight_with_workers[k] for k in ACCURACY_KEYS}
+    assert without_timings(metrics(run_dir)) == without_timings(metrics(straight_with_workers["run_dir"]))
     with open(os.path.join(run_dir, "train.log")) as f:
-        log = f.read()
-    assert "SIGTERM received" in log and "resumed at epoch" in log
+        assert "resumed at epoch" in f.read()
+
+
+@pytest.mark.parametrize("changes", [("eval_every=3",), ("nThreads=2",), ("nThreads=2", "eval_every=3")],
+                         ids=lambda changes: ",".join(changes))
+def test_evaluation_settings_do_not_change_the_trained_student(tmp_path, cifar_folder, straight_with_workers,
+                                                                changes):
+    """The training noise has its own stream: when and with how many workers the run evaluates cannot move it."""
+    base = ("nThreads=0", "eval_every=1")
+    sets = [arg for text in (*base, *changes) for arg in ("--set", text)]
+    code, lines = run_main(resumable_args(tmp_path / "base", cifar_folder, *sets[:4]))
+    assert code == 0
+    code, changed = run_main(resumable_args(tmp_path / "changed", cifar_folder, *sets))
+    assert code == 0
+    assert last_json(changed)["student_sha256"] == last_json(lines)["student_sha256"]
+    assert last_json(lines)["student_sha256"] == straight_with_workers["student_sha256"]
 
 
 def test_mid_epoch_stop_then_resume_is_bit_identical(tmp_path, cifar_folder, monkeypatch):
@@ -116,7 +147,7 @@ def test_resume_refuses_a_different_config_unless_forced(tmp_path, cifar_folder,
     longer = tiny_run_args(tmp_path, cifar_folder, "--set", "nEpochs=2")
     code, _ = run_main(["--resume", run_dir, *longer])
     assert code == 2
-    assert "the config differs from the run's (nEpochs: 1 -> 2)" in capsys.readouterr().err
+    assert "error: --resume: nEpochs cannot change in a resumed run (nEpochs: 1 -> 2)" in capsys.readouterr().err
     code, lines = run_main(["--resume", run_dir, "--force", *longer])
     assert code == 0 and last_json(lines)["epochs"] == 2
     assert [r["epoch"] for r in metrics(run_dir)] == [1, 2]
@@ -156,3 +187,20 @@ def test_atomic_save_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
         run_files.atomic_save({"epoch": 2}, str(path))
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"epoch": 1}
+
+
+def test_resume_applies_evaluation_overrides_and_refuses_the_others(tmp_path, cifar_folder, capsys):
+    run_dir = last_json(run_main(tiny_run_args(tmp_path, cifar_folder))[1])["run_dir"]
+    capsys.readouterr()
+    for refused in (["--set", "qw=2"], ["--qw", "2"]):
+        code, lines = run_main(["--resume", run_dir, *refused])
+        err = capsys.readouterr().err
+        assert code == 2 and lines == []
+        assert [line for line in err.splitlines() if line.startswith("error:")] == [
+            "error: --resume: qw cannot change in a resumed run (qw: 4 -> 2); a resumed run may change only "
+            "GPU, dataPath, nThreads, test_batch_size, log_interval, eval_every, eval_start_epoch, eval_cache, "
+            "tensorboard. Add --force to change the others anyway"]
+    code, lines = run_main(["--resume", run_dir, "--set", "nThreads=1", "--set", "test_batch_size=4"])
+    assert code == 0 and last_json(lines)["run_dir"] == run_dir
+    err = capsys.readouterr().err
+    assert "--resume: nThreads changed from 0 to 1" in err and "--resume: test_batch_size changed from 8 to 4" in err

@@ -2,7 +2,16 @@ import pytest
 import torch
 
 from utils.config import load_options
-from utils.data import PREFETCH_BATCHES, build_test_loader, eval_transform, find_image_folder, normalization
+import utils.distributed as distributed
+from utils.data import (
+    PREFETCH_BATCHES,
+    build_test_loader,
+    close_workers,
+    eval_transform,
+    evaluation_workers,
+    find_image_folder,
+    normalization,
+)
 from utils.errors import UserError
 
 from ..conftest import CIFAR10_CONF, CIFAR10_JPEG, ROOT, make_image_folder, needs_shared_data
@@ -71,6 +80,28 @@ def test_workers_persist_and_prefetch(cifar_folder, monkeypatch):
     assert images.shape == (4, 3, 32, 32) and labels.tolist() == [0, 0, 1, 1]
     without_workers = build_test_loader(options(cifar_folder), torch.device("cpu"))
     assert without_workers.num_workers == 0 and not without_workers.persistent_workers
+
+
+@pytest.mark.parametrize("threads, local_ranks, workers", [(8, 4, 2), (8, 8, 1), (3, 8, 1), (0, 4, 0), (8, 1, 8)])
+def test_torchrun_ranks_share_the_workers_of_a_machine(monkeypatch, threads, local_ranks, workers):
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
+    assert evaluation_workers(threads) == workers
+
+
+def test_iterating_the_loader_draws_nothing_from_the_global_random_stream(cifar_folder, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    loader = build_test_loader(options(cifar_folder, "nThreads=2"), torch.device("cpu"))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for _ in range(2):
+        list(loader)
+    close_workers(loader)
+    list(loader)  # new workers
+    close_workers(loader)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_batches_are_pinned_for_cuda_only(cifar_folder):

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 import utils.distributed as distributed
-from utils.devices import CUBLAS_WORKSPACE, backend_flags, configure_backends, cuda_device
+from utils.devices import (
+    CUBLAS_WORKSPACE,
+    backend_flags,
+    configure_backends,
+    cuda_device,
+    set_tf32_settings,
+    tf32_settings,
+)
 from utils.errors import UserError
 
 CUDA = torch.device("cuda", 0)
@@ -70,13 +77,14 @@ def test_without_cuda_the_gpu_key_is_ignored(monkeypatch):
 
 def test_deterministic_mode_sets_every_flag(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as a user may set them
+    set_tf32_settings({key: "tf32" if isinstance(value, str) else True  # as a user may set them
+                       for key, value in tf32_settings().items()})
     torch.backends.cudnn.benchmark = True
     flags = configure_backends(True, CUDA)
     assert flags == {"deterministic": True, "cudnn_benchmark": False, "tf32": {"conv": False, "matmul": False}}
     assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
     assert not torch.backends.cudnn.benchmark
-    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert set(tf32_settings().values()) <= {"ieee", False}
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
 
 
@@ -99,3 +107,12 @@ def test_the_cpu_reports_no_cudnn_and_no_tf32():
     assert backend_flags(torch.device("cpu")) == {"deterministic": False, "cudnn_benchmark": False,
                                                   "tf32": {"conv": False, "matmul": False}}
     assert configure_backends(True, torch.device("cpu"))["deterministic"] is True
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch without fp32_precision")
+def test_tf32_is_set_through_fp32_precision_without_warnings(recwarn):
+    configure_backends(True, CUDA)
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("ieee", "ieee")
+    flags = configure_backends(False, CUDA)
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32" and flags["tf32"]["conv"]
+    assert [str(w.message) for w in recwarn] == []

@@ -7,7 +7,7 @@ from quantization_utils import QuantAct, QuantConv2d, set_act_tracking
 from utils.config import load_options
 from utils.evaluate import load_quantized_model
 from utils.models import build_teacher
-from utils.run_files import BEST_STUDENT, CHECKPOINT, RunFileError, find_student_file
+from utils.run_files import BEST_STUDENT, CHECKPOINT, RunFileError, capture_rng, find_student_file, restore_rng
 from utils.trainer import Trainer
 
 from ..conftest import CIFAR10_CONF, CIFAR10A_CONF
@@ -90,3 +90,39 @@ def test_mismatched_bits_or_architecture_are_reported(tmp_path):
     torch.save(state, tmp_path / "no_bits.pt")
     with pytest.raises(RunFileError, match="lack qa"):
         load_quantized_model(str(tmp_path / "no_bits.pt"))
+
+
+@pytest.fixture
+def fake_cuda_rng(monkeypatch):
+    """torch.cuda's random-state calls, recorded: (call, device index)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device.index)) or
+                        torch.tensor([device.index], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device.index,
+                                                                                          int(state[0]))))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state was read"))
+    return calls
+
+
+def test_a_checkpoint_holds_the_cuda_state_of_the_runs_own_gpu_only(fake_cuda_rng):
+    state = capture_rng(torch.device("cuda", 5))
+    assert fake_cuda_rng == [("get", 5)] and int(state["cuda"][0]) == 5
+    # written on GPU 5 of 8, resumed where one GPU is visible
+    restore_rng(state, torch.device("cuda", 0))
+    assert fake_cuda_rng[-1] == ("set", 0, 5)
+
+
+def test_an_earlier_checkpoint_with_every_gpus_state_restores_its_own(fake_cuda_rng):
+    state = {**capture_rng(), "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(2)]}
+    restore_rng(state, torch.device("cuda", 1))
+    assert fake_cuda_rng == [("set", 1, 1)]
+    with pytest.raises(RunFileError, match="random states of 2 GPU\\(s\\), none for GPU 3"):
+        restore_rng(state, torch.device("cuda", 3))
+
+
+def test_the_noise_generator_state_is_saved_and_restored():
+    noise = torch.Generator().manual_seed(7)
+    state = capture_rng(torch.device("cpu"), noise)
+    first = torch.randn(4, generator=noise)
+    restore_rng(state, torch.device("cpu"), noise)
+    assert torch.equal(torch.randn(4, generator=noise), first)
