@@ -90,3 +90,22 @@ def test_mismatched_bits_or_architecture_are_reported(tmp_path):
     torch.save(state, tmp_path / "no_bits.pt")
     with pytest.raises(RunFileError, match="lack qa"):
         load_quantized_model(str(tmp_path / "no_bits.pt"))
+
+
+def test_summary_is_written_atomically(tmp_path, monkeypatch):
+    import json
+
+    from utils import run_files
+
+    path = tmp_path / "summary.json"
+    run_files.atomic_save_json({"student_top1": 1.0}, str(path))
+
+    def crash(obj, f, **kwargs):
+        f.write('{"student_top1": ')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run_files.atomic_save_json({"student_top1": 2.0}, str(path))
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"student_top1": 1.0}
