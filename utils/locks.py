@@ -16,7 +16,7 @@ from filelock import FileLock, Timeout
 
 from . import distributed
 
-__all__ = ["CELL_LOCK", "fetch_lock", "fetching", "held_elsewhere", "try_lock"]
+__all__ = ["CELL_LOCK", "fetch_lock", "fetching", "held_elsewhere", "lock_fd", "try_lock"]
 
 logger = logging.getLogger("granq")
 
@@ -58,12 +58,13 @@ def fetching(target: str):
         yield
 
 
-def try_lock(path: str) -> FileLock | None:
-    """``path`` locked by this process (its folder created), or None when another process holds it."""
+def try_lock(path: str, timeout: float = 0) -> FileLock | None:
+    """``path`` locked by this process (its folder created), or None when another process still holds it after
+    ``timeout`` seconds."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     lock = FileLock(path)
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=timeout)
     except Timeout:
         return None
     return lock
@@ -78,3 +79,12 @@ def held_elsewhere(path: str) -> bool:
         return True
     lock.release()
     return False
+
+
+def lock_fd(lock: FileLock) -> int | None:
+    """A new descriptor of the open file through which ``lock`` is held (close it once it has been handed on), or
+    None where this filelock version keeps that file out of reach. A child process that inherits it holds the
+    lock with its parent: the lock is free only once both have ended (``flock`` belongs to the open file, not
+    to a process). A copy, because filelock closes its own descriptor in forked children."""
+    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+    return os.dup(fd) if fd is not None else None

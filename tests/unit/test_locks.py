@@ -58,9 +58,10 @@ def fake_downloads(folder) -> dict:
             "cache": str(folder / "models"), "data": str(folder / "data")}
 
 
-def install_fake_downloads(served: dict) -> list:
+def install_fake_downloads(served: dict, patch=setattr) -> list:
     """Replace the network boundary of pytorchcv and torchvision with slow fake servers of ``served``; the
-    checksums they compare with become those of the fake files. Returns the list the URLs fetched go to."""
+    checksums they compare with become those of the fake files. ``patch``: ``setattr`` in a process of its own,
+    ``monkeypatch.setattr`` in a test's. Returns the list the URLs fetched go to."""
     from pytorchcv.models.common import model_store
     from torchvision.datasets import CIFAR10
     from torchvision.datasets import utils as dataset_utils
@@ -82,16 +83,16 @@ def install_fake_downloads(served: dict) -> list:
         with open(path, "rb") as f:
             return hashlib.sha1(f.read()).hexdigest() == served["weights_sha1"]
 
-    models.MODEL_CACHE = served["cache"]
-    model_store._download = pytorchcv_download
-    model_store._check_sha1 = check_sha1
-    dataset_utils._urlretrieve = urlretrieve
-    dataset_utils._get_redirect_url = lambda url, max_hops=3: url
+    patch(models, "MODEL_CACHE", served["cache"])
+    patch(model_store, "_download", pytorchcv_download)
+    patch(model_store, "_check_sha1", check_sha1)
+    patch(dataset_utils, "_urlretrieve", urlretrieve)
+    patch(dataset_utils, "_get_redirect_url", lambda url, max_hops=3: url)
     md5 = served["cifar_md5"]
-    CIFAR10.tgz_md5 = hashlib.md5(served["cifar_tgz"]).hexdigest()
-    CIFAR10.train_list = [[name, md5[name]] for name, _ in CIFAR10.train_list]
-    CIFAR10.test_list = [["test_batch", md5["test_batch"]]]
-    CIFAR10.meta = {**CIFAR10.meta, "md5": md5["batches.meta"]}
+    patch(CIFAR10, "tgz_md5", hashlib.md5(served["cifar_tgz"]).hexdigest())
+    patch(CIFAR10, "train_list", [[name, md5[name]] for name, _ in CIFAR10.train_list])
+    patch(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    patch(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
     return urls
 
 
