@@ -619,8 +619,9 @@ def _say_counts(plan: Plan, plan_dir: str, cells: list[Cell], counts: dict) -> N
 
 def _slurm(args, plan: Plan, flags: dict, start: float) -> int:
     """``--launcher slurm``: submit the missing cells, or (``--status``) say where each one is."""
-    from .slurm import print_status, slurm_settings, submit
+    from .slurm import print_status, require_submitit, slurm_settings, submit
 
+    require_submitit()
     settings = slurm_settings(plan.slurm, f"plan {plan.path}: slurm", **flags)
     save_path = args.save_path or plan.save_path
     plan_dir = os.path.join(save_path, plan.name)

@@ -31,8 +31,8 @@ from .errors import UserError
 from .locks import held_elsewhere, try_lock
 from .reproduce import ROOT, Cell, _last_line, cell_state, open_cell_log, start_run
 
-__all__ = ["JOBS_FILE", "SLURM_KEYS", "CellJob", "SlurmSettings", "cell_status", "parse_time", "slurm_settings",
-           "submit", "torchrun_env"]
+__all__ = ["JOBS_FILE", "SLURM_KEYS", "CellJob", "SlurmSettings", "cell_status", "job_states", "parse_time",
+           "print_status", "require_submitit", "slurm_settings", "submit", "torchrun_env"]
 
 JOBS_FILE = "slurm_jobs.jsonl"  # in the cell's folder: one JSON line per job submitted for the cell
 SUBMITIT_FOLDER = "submitit"  # in the cell's folder: submitit's pickles and each job's stdout/stderr
@@ -108,7 +108,7 @@ def slurm_settings(block: dict | None, where: str, **flags) -> SlurmSettings:
     return settings
 
 
-def _submitit():
+def require_submitit():
     try:
         import submitit
     except ImportError:
@@ -161,7 +161,7 @@ class CellJob:
         print(f"cell {self.cell.name}: SIGTERM received; the run writes its checkpoint", flush=True)
 
     def __call__(self):
-        submitit = _submitit()
+        submitit = require_submitit()
         job = submitit.JobEnvironment()
         cell, lock = self.cell, None
         if job.global_rank == 0:
@@ -219,7 +219,7 @@ class CellJob:
                       flush=True)
                 os.kill(child.pid, signal.SIGTERM)
             _exited(child.pid, wait=True)
-        return _submitit().helpers.DelayedSubmission(CellJob(self.cell, self.python))
+        return require_submitit().helpers.DelayedSubmission(CellJob(self.cell, self.python))
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -256,14 +256,14 @@ def _local_state(job_id: str) -> str:
 
 def job_states(cells: list[Cell]) -> dict[str, str]:
     """The scheduler's state of each cell's last job, by cell name (one ``sacct`` call for all)."""
-    last = {cell.name: records[-1] for cell in cells if (records := _records(cell))}
     states, slurm_jobs = {}, {}
-    for name, record in last.items():
-        if record.get("cluster") == "local":
-            states[name] = _local_state(record["job_id"])
-        else:
-            cell = next(c for c in cells if c.name == name)
-            slurm_jobs[name] = _submitit().SlurmJob(os.path.join(cell.folder, SUBMITIT_FOLDER), record["job_id"])
+    for cell in cells:
+        records = _records(cell)
+        if records and records[-1].get("cluster") == "local":
+            states[cell.name] = _local_state(records[-1]["job_id"])
+        elif records:
+            folder = os.path.join(cell.folder, SUBMITIT_FOLDER)
+            slurm_jobs[cell.name] = require_submitit().SlurmJob(folder, records[-1]["job_id"])
     if slurm_jobs:
         first = next(iter(slurm_jobs.values()))
         first.watcher.update()
@@ -271,20 +271,25 @@ def job_states(cells: list[Cell]) -> dict[str, str]:
     return {name: state.split()[0] if state else "UNKNOWN" for name, state in states.items()}
 
 
-def cell_status(cell: Cell, state: str | None) -> tuple[str, str]:
-    """``(label, detail)`` of a cell: done, running, queued, failed (with the last line of its log), to
-    resume or to run. ``state`` is the scheduler's state of its last job (:func:`job_states`) or None."""
+def cell_status(cell: Cell, state: str | None, lock_held_here: bool = False) -> tuple[str, str]:
+    """``(label, detail)`` of a cell: done, running, queued, failed (with the last line of its log), unknown
+    (a job the scheduler cannot tell about), resume or run (never submitted, with or without a checkpoint).
+    ``state`` is the scheduler's state of its last job (:func:`job_states`) or None; ``lock_held_here``: this
+    process holds the cell's lock (so no other process runs it)."""
     cell_done, run_dir = cell_state(cell)
     records = _records(cell)
     job = f"job {records[-1]['job_id']}" if records else ""
     if cell_done == "done":
         return "done", os.path.join(run_dir, "summary.json")
-    if held_elsewhere(cell.lock_path):
+    if not lock_held_here and held_elsewhere(cell.lock_path):
         return "running", job or "in a local call"
     if state in QUEUED_STATES:
         return "queued", f"{job} ({state})"
     if state in RUNNING_STATES:
         return "running", job
+    if state == "UNKNOWN":  # sacct knows a job only some seconds after its submission, and for a while after it
+        return "unknown", (f"{job}: the scheduler has no state for it (sacct); if the job is gone, delete "
+                           f"{os.path.join(cell.folder, JOBS_FILE)} to submit the cell again")
     if records:
         last = _last_line(cell.log_path) or _last_line(_job_stderr(cell, records[-1]["job_id"]))
         return "failed", f"{job} {state or 'ended'}" + (f"; last line: {last}" if last else "")
@@ -315,7 +320,7 @@ def submit(cells: list[Cell], settings: SlurmSettings, python: str, cluster: str
     """Submit a job for each of ``cells`` (at most ``limit``) that is not done, not running and has no job queued
     or running; each decision under the cell's lock, so that concurrent calls submit a cell once. ``cluster``:
     submitit's executor, ``"local"`` for local processes. Returns the counts of submitted and skipped cells."""
-    submitit = _submitit()
+    submitit = require_submitit()
     counts = {"submitted": 0, "skipped": 0}
     states = job_states(cells)
     with _importable_here():
@@ -329,8 +334,8 @@ def submit(cells: list[Cell], settings: SlurmSettings, python: str, cluster: str
                 counts["skipped"] += 1
                 continue
             try:
-                label, detail = cell_status(cell, states.get(cell.name))
-                if label in ("done", "queued", "running"):
+                label, detail = cell_status(cell, states.get(cell.name), lock_held_here=True)
+                if label in ("done", "queued", "running", "unknown"):
                     say(f"skip   {cell.name}: {label}, {detail}")
                     counts["skipped"] += 1
                     continue

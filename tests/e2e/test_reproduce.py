@@ -255,7 +255,8 @@ def wait_for(condition, what: str, process=None, timeout: float = 120):
 
 
 def run_dirs(cell) -> list:
-    return sorted(p for p in cell.iterdir() if p.is_dir()) if cell.exists() else []
+    """The run directories in a cell's folder (not the submitit folder of --launcher slurm)."""
+    return sorted(p for p in cell.iterdir() if p.is_dir() and p.name != "submitit") if cell.exists() else []
 
 
 def test_prefetch_fetches_each_teacher_and_test_set_once_before_any_cell(tmp_path, capsys, monkeypatch):
