@@ -10,6 +10,13 @@ cell is
 - resumed with ``--resume RUN_DIR`` when a run directory holds ``checkpoint.pt`` but no summary
   (the newest such checkpoint),
 - run afresh otherwise (a run that stopped before its first checkpoint is left where it is).
+
+A call takes a cell's lock (``cell.lock`` in its folder, :mod:`utils.locks`) when it starts the cell, makes the
+choice above under it, and holds it until the run ends; the run inherits it. Another call, or a SLURM job,
+skips a locked cell, so concurrent calls on one plan and folder run each cell once. Before any cell starts,
+the teachers' weights and CIFAR test sets that the cells need are fetched once (:func:`prefetch`). A run gets
+SIGTERM, and so checkpoints, when its launcher dies (Linux). ``--launcher slurm`` submits the cells as SLURM
+jobs instead (:mod:`utils.slurm`); ``--status`` says where each cell is.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ from .errors import ConfigError, UserError
 from .locks import CELL_LOCK, held_elsewhere, lock_fd, try_lock
 from .results import METRICS, SUMMARY_FILE, load_summaries, results_markdown
 
-__all__ = ["PLAN_KEYS", "PLANS_DIR", "Cell", "Plan", "cell_state", "expand_cells", "load_plan", "main",
-           "resolve_plan", "run_cells"]
+__all__ = ["PLAN_KEYS", "PLANS_DIR", "Cell", "Plan", "Task", "cell_state", "claim", "expand_cells", "load_plan", "main",
+           "open_cell_log", "prefetch", "resolve_plan", "run_cells", "start_run"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANS_DIR = os.path.join(ROOT, "tools", "plans")
