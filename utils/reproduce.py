@@ -332,10 +332,12 @@ def start_run(command: list[str], log, env: dict, lock=None, ignore_signals=()) 
     stop a run before it writes its checkpoint). The run also gets SIGTERM when the launcher dies (Linux;
     elsewhere it runs on to its end, see :func:`_die_with_parent`) and inherits the cell's ``lock``, so that
     the cell stays locked until the run has ended even when the launcher ends first."""
-    fd = lock_fd(lock) if lock is not None and os.name == "posix" else None
+    posix = os.name == "posix"
+    fd = lock_fd(lock) if lock is not None and posix else None
     try:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent(ignore_signals), pass_fds=(fd,) if fd is not None else ())
+                                preexec_fn=_die_with_parent(ignore_signals) if posix else None,
+                                pass_fds=(fd,) if fd is not None else ())
     finally:
         if fd is not None:
             os.close(fd)

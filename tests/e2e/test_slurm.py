@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from utils.reproduce import main
 from utils.slurm import _local_state
@@ -90,6 +91,7 @@ def test_two_cells_as_jobs_one_preempted_and_requeued_ends_as_its_uninterrupted_
     assert "0 job(s) submitted" in capsys.readouterr().out and (tmp_path / "runs" / "tiny" / "results.md").exists()
 
 
+@pytest.mark.skipif(0 < torch.cuda.device_count() < 2, reason="a cell of 2 GPUs needs 2 GPUs, or none (CPU, Gloo)")
 def test_a_cell_of_two_gpus_runs_two_processes_that_meet_as_torchrun_would(tmp_path, cifar_folder, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     plan = write_plan(tmp_path, set=[f"dataPath={cifar_folder}", *TINY_RUN])
