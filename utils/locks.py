@@ -16,11 +16,14 @@ from filelock import FileLock, Timeout
 
 from . import distributed
 
-__all__ = ["CELL_LOCK", "fetch_lock", "fetching", "held_elsewhere", "lock_fd", "try_lock"]
+__all__ = ["CELL_LOCK", "PROBE_WAIT_S", "fetch_lock", "fetching", "held_elsewhere", "lock_fd", "try_lock"]
 
 logger = logging.getLogger("granq")
 
 CELL_LOCK = "cell.lock"  # in a cell's folder, held while a run of that cell is going on
+# A lock can be held for a moment by a process that only looks (held_elsewhere, or a claim that then finds the
+# cell done): waiting this long before taking it for held keeps two such looks from hiding a cell from both.
+PROBE_WAIT_S = 0.5
 
 
 @contextlib.contextmanager
@@ -70,11 +73,12 @@ def try_lock(path: str, timeout: float = 0) -> FileLock | None:
     return lock
 
 
-def held_elsewhere(path: str) -> bool:
-    """Whether another process holds the lock ``path`` now; False when the file does not exist."""
+def held_elsewhere(path: str, wait: float = PROBE_WAIT_S) -> bool:
+    """Whether another process holds the lock ``path`` (still after ``wait`` seconds); False when the file does
+    not exist."""
     if not os.path.exists(path):
         return False
-    lock = try_lock(path)
+    lock = try_lock(path, wait)
     if lock is None:
         return True
     lock.release()

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pyhocon import ConfigFactory
 
 from .errors import ConfigError, UserError
-from .locks import CELL_LOCK, held_elsewhere, lock_fd, try_lock
+from .locks import CELL_LOCK, PROBE_WAIT_S, held_elsewhere, lock_fd, try_lock
 from .results import METRICS, SUMMARY_FILE, load_summaries, results_markdown
 
 __all__ = ["PLAN_KEYS", "PLANS_DIR", "Cell", "Plan", "Task", "cell_state", "claim", "expand_cells", "load_plan", "main",
@@ -292,7 +292,7 @@ def claim(task: Task):
     """The cell's lock, with ``task.action`` and ``task.command`` set from the cell's state now; None when
     another process holds the lock (``task.outcome = "locked"``) or the cell finished meanwhile ("skipped"),
     the line to print then in ``task.detail``. Release the lock once the run has ended."""
-    lock = try_lock(task.cell.lock_path)
+    lock = try_lock(task.cell.lock_path, PROBE_WAIT_S)
     if lock is None:
         task.outcome, task.detail = "locked", _skip_locked(task.cell)
         return None

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import UserError
-from .locks import held_elsewhere, try_lock
+from .locks import PROBE_WAIT_S, held_elsewhere, try_lock
 from .reproduce import ROOT, Cell, _last_line, cell_state, open_cell_log, start_run
 
 __all__ = ["JOBS_FILE", "SLURM_KEYS", "CellJob", "SlurmSettings", "cell_status", "job_states", "parse_time",
@@ -328,7 +328,7 @@ def submit(cells: list[Cell], settings: SlurmSettings, python: str, cluster: str
             if limit is not None and counts["submitted"] >= limit:
                 say(f"--max-cells {limit}: the other cells are left for a later call")
                 break
-            lock = try_lock(cell.lock_path)
+            lock = try_lock(cell.lock_path, PROBE_WAIT_S)
             if lock is None:
                 say(f"skip   {cell.name}: running (its lock {cell.lock_path} is held)")
                 counts["skipped"] += 1

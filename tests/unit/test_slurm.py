@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -119,9 +118,8 @@ def test_requeue_signal_stops_the_run_with_one_sigterm_then_requeues(tmp_path, s
     if slurm_sent_sigterm:
         job._child.send_signal(signal.SIGTERM)
         job._note_sigterm(signal.SIGTERM, None)
-    started = time.time()
     delayed = job.checkpoint()
-    assert count.read_text() == "1" and time.time() - started > 1  # it waited for the run to end
+    assert count.read_text() == "1"  # written by the run as it ended: checkpoint() waited for it
     assert job._child.wait() == 143
     assert isinstance(delayed.function, CellJob) and delayed.function.cell == job.cell
     assert delayed.function._child is None
