@@ -16,6 +16,20 @@ key=value`` goes to every cell, ``--seeds`` replaces the plan's, ``--save-path``
 Ctrl-C (or SIGTERM) sends each run one SIGTERM: it checkpoints, and the next call resumes it.
 A failed cell is reported with its log and the others go on; the exit code is then 1 (2: a bad plan).
 At the end the table of the finished cells goes to ``<save_path>/<plan>/results.md`` and to stdout.
+
+Several calls may share a plan and folder: a running cell holds ``<cell>/cell.lock`` and the other calls skip
+it, so each cell runs once. Teachers and test sets are fetched once before any cell starts. A run gets
+SIGTERM (and checkpoints) when the call that started it dies, even by ``kill -9`` (Linux; elsewhere it runs
+on to its end). With ``--jobs N`` and several visible GPUs, and no ``--gpus``, the cells are spread over all
+of them. ``--status`` prints each cell's state.
+
+    python tools/reproduce.py --plan imagenet --set dataPath=/data/imagenet --launcher slurm \
+        --partition gpu --time 24:00:00 --gpus-per-cell 4 --cpus-per-gpu 8 [--account A]
+    python tools/reproduce.py --plan imagenet --set dataPath=/data/imagenet --launcher slurm --status
+
+``--launcher slurm`` submits each missing cell as a SLURM job through submitit (``pip install submitit``)
+and returns; the flags may instead come from a ``slurm { ... }`` block of the plan. A job checkpoints at
+its time limit or at a preemption and is requeued to resume; see docs/tools.md.
 """
 
 import os

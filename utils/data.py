@@ -83,7 +83,11 @@ def _transform(options):
 def _torchvision_cifar(options, transform):
     cifar = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[options.dataset]
     try:
-        return cifar(root=options.dataPath, train=False, transform=transform, download=True)
+        # torchvision writes and extracts its archive in place: one process at a time, rank 0 first.
+        from .locks import fetching
+
+        with fetching(os.path.join(options.dataPath, cifar.base_folder)):
+            return cifar(root=options.dataPath, train=False, transform=transform, download=True)
     except Exception as error:  # network or archive errors; torchvision raises several types
         raise UserError(
             f"dataPath = {options.dataPath!r}: no ImageFolder there and {options.dataset} could not be "

@@ -1,5 +1,6 @@
 """Thin helpers over torch.distributed; every function also works in a single process."""
 
+import contextlib
 import hashlib
 import os
 
@@ -10,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .devices import cuda_device
 
 __all__ = ["all_gather_objects", "all_reduce", "barrier", "broadcast_object", "init_from_env", "is_distributed", "rank",
-           "replica_checksums", "shutdown", "world_size", "wrap"]
+           "rank_zero_first", "replica_checksums", "shutdown", "world_size", "wrap"]
 
 
 def is_distributed() -> bool:
@@ -97,3 +98,17 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     if not is_distributed():
         return module
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Run the ``with`` block on rank 0 first and on the other ranks after it (all of them at once): for a
+    download that the other ranks then find in place. Call it on every rank; a no-op in a single process."""
+    if rank() != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        # Also when rank 0 fails, so that the other ranks go on (and meet the same error) instead of hanging.
+        if rank() == 0:
+            barrier()

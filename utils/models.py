@@ -19,9 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .locks import fetching
 
-__all__ = ["EvalTransform", "ModelSpec", "build_teacher", "check_teacher", "example_image", "get_model_spec",
-           "load_weights_file", "model_names", "register_model"]
+__all__ = ["EvalTransform", "ModelSpec", "build_teacher", "check_teacher", "example_image", "fetch_teacher_weights",
+           "get_model_spec", "load_weights_file", "model_names", "register_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,9 @@ def _pytorchcv_fetch(name: str) -> Callable[[], str]:
     def fetch() -> str:
         from pytorchcv.models.common.model_store import get_model_file
 
-        return get_model_file(name, local_model_store_dir_path=MODEL_CACHE)
+        # pytorchcv downloads a zip beside the weights file, extracts it in place and deletes it.
+        with fetching(os.path.join(os.path.expanduser(MODEL_CACHE), name)):
+            return get_model_file(name, local_model_store_dir_path=MODEL_CACHE)
 
     return fetch
 
@@ -191,8 +194,10 @@ def _torchvision_spec(name: str) -> ModelSpec:
 
     def fetch() -> str:
         # torchvision's own download into torch.hub's cache, hash-checked; the cached file is loaded below.
-        weights.get_state_dict(progress=True, check_hash=True)
-        return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+        with fetching(path):
+            weights.get_state_dict(progress=True, check_hash=True)
+        return path
 
     return ModelSpec(TORCHVISION_PREFIX + name, "imagenet", len(weights.meta["categories"]), preset.crop_size[0],
                      build, fetch, transform, ignored)
@@ -303,10 +308,10 @@ def resnet20a_cifar10() -> nn.Module:
 def _download_to_cache(url: str, hash_prefix: str | None = None) -> str:
     """Download ``url`` once into the model cache and return the local path."""
     path = os.path.join(os.path.expanduser(MODEL_CACHE), os.path.basename(url.split("?")[0]))
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        logger.info("downloading %s to %s", url, path)
-        torch.hub.download_url_to_file(url, path, hash_prefix=hash_prefix)
+    with fetching(path):
+        if not os.path.exists(path):
+            logger.info("downloading %s to %s", url, path)
+            torch.hub.download_url_to_file(url, path, hash_prefix=hash_prefix)
     return path
 
 
@@ -341,6 +346,29 @@ def load_weights_file(model: nn.Module, path: str, network: str, ignored_keys: t
             f"{len(mismatched)} of another shape (e.g. {mismatched[:3]}); is it for another architecture?")
 
 
+def fetch_teacher_weights(network: str, teacher_weights: str = "") -> str | None:
+    """The local file of the teacher's weights, downloaded first where it is not there yet (one process at a
+    time, under a file lock: utils/locks.py); None for ``teacher_weights = "random"``. See :func:`build_teacher`."""
+    if teacher_weights == "random":
+        return None
+    if teacher_weights == "":
+        spec = get_model_spec(network)
+        if spec.fetch_published is None:
+            raise UserError(f"network {network!r} has no published weights: set teacher_weights to its "
+                            f"weights file (a state dict)")
+        try:
+            return spec.fetch_published()
+        except Exception as error:
+            raise UserError(f"could not get the published weights of {network} ({error}); "
+                            f"offline, set teacher_weights to a local file") from None
+    if teacher_weights.startswith(("http://", "https://")):
+        try:
+            return _download_to_cache(teacher_weights)
+        except Exception as error:
+            raise UserError(f"could not download teacher_weights {teacher_weights!r} ({error})") from None
+    return teacher_weights
+
+
 def build_teacher(network: str, teacher_weights: str = "") -> tuple[nn.Module, str]:
     """Build the teacher in eval mode and load its weights; also return where they came from.
 
@@ -349,26 +377,11 @@ def build_teacher(network: str, teacher_weights: str = "") -> tuple[nn.Module, s
     """
     spec = get_model_spec(network)
     model = spec.build()
-    if teacher_weights == "random":
+    path = fetch_teacher_weights(network, teacher_weights)
+    if path is None:
         logger.warning("teacher %s uses RANDOM weights (teacher_weights=random): for tests only", network)
         source = "random"
     else:
-        if teacher_weights == "":
-            if spec.fetch_published is None:
-                raise UserError(f"network {network!r} has no published weights: set teacher_weights to its "
-                                f"weights file (a state dict)")
-            try:
-                path = spec.fetch_published()
-            except Exception as error:
-                raise UserError(f"could not get the published weights of {network} ({error}); "
-                                f"offline, set teacher_weights to a local file") from None
-        elif teacher_weights.startswith(("http://", "https://")):
-            try:
-                path = _download_to_cache(teacher_weights)
-            except Exception as error:
-                raise UserError(f"could not download teacher_weights {teacher_weights!r} ({error})") from None
-        else:
-            path = teacher_weights
         with torch.no_grad():
             load_weights_file(model, path, network, spec.ignored_keys)
         source = os.path.abspath(path)

@@ -38,7 +38,7 @@ from .errors import UserError
 from .evaluate import evaluate_saved
 from .models import build_teacher, check_teacher, example_image
 from .plots import plot_run
-from .run_files import RunFileError, find_checkpoint, load_run_file
+from .run_files import RunFileError, atomic_save_json, find_checkpoint, load_run_file
 from .stopping import RunInterrupted
 from .trainer import Trainer
 
@@ -235,8 +235,7 @@ def run(args) -> dict:
         summary["granq_path"] = granq_path(prepared.trainer.options.granq_impl)
         if distributed.rank() == 0:
             plot_run(prepared.run_dir)
-            with open(os.path.join(prepared.run_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+            atomic_save_json(summary, os.path.join(prepared.run_dir, "summary.json"))
         # The other ranks wait for rank 0's plots and summary: a rank that tears down the process group while
         # a peer still works can make Gloo abort the peer at exit ("terminate called without an active exception").
         distributed.barrier()

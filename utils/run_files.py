@@ -4,11 +4,14 @@ A run directory holds ``checkpoint.pt`` (everything needed to resume, after ever
 interruption) and ``best_student.pt`` (the student with the best top-1 so far). Both are dicts with
 ``format``, ``options`` (the resolved config as a dict), ``meta`` (id, seed, teacher weights source, ...)
 and ``student`` (its state dict); ``checkpoint.pt`` adds the generator, both optimizers, the position in
-training, the metrics so far and every rank's random states.
+training, the metrics so far and every rank's random states. All of them, and ``summary.json``, are written
+to a temporary file and then renamed, so that a reader never sees half a file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 
@@ -17,8 +20,8 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["BEST_STUDENT", "CHECKPOINT", "FORMAT", "RunFileError", "atomic_save", "capture_rng", "find_checkpoint",
-           "find_student_file", "load_run_file", "restore_rng", "student_record"]
+__all__ = ["BEST_STUDENT", "CHECKPOINT", "FORMAT", "RunFileError", "atomic_save", "atomic_save_json", "capture_rng",
+           "find_checkpoint", "find_student_file", "load_run_file", "restore_rng", "student_record"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST_STUDENT = "best_student.pt"
@@ -35,11 +38,25 @@ def student_record(options: dict, meta: dict, student_state: dict, **fields) -> 
     return {"format": FORMAT, "options": options, "meta": meta, "student": student_state, **fields}
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a broken file at ``path``."""
+@contextlib.contextmanager
+def _replacing(path: str):
+    """A temporary path to write, renamed to ``path`` when the ``with`` block succeeds: a crash never leaves a
+    broken file at ``path``, and a reader sees the old file or the new one."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
+    yield tmp
     os.replace(tmp, path)
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file, then rename."""
+    with _replacing(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_save_json(obj, path: str) -> None:
+    """``obj`` as indented JSON, written to a temporary file and then renamed (``summary.json``)."""
+    with _replacing(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def capture_rng(device: torch.device | None = None, noise: torch.Generator | None = None) -> dict:

@@ -46,3 +46,30 @@ def test_torchrun_tracked_ranges_agree_across_processes(tmp_path, cifar_folder, 
     (summary,) = summaries
     assert (summary["act_mode"], summary["world_size"]) == (act_mode, 2)
     assert len(summary["student_sha256"]) == 2 and len(set(summary["student_sha256"])) == 1
+
+
+def fetch_in_turn(rank: int, store_file: str, log_file: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from utils import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    try:
+        with distributed.rank_zero_first():
+            with open(log_file, "a") as f:
+                f.write(f"enter {rank}\n")
+            time.sleep(1.0 if rank == 0 else 0)  # rank 0 downloads; the others then find the file
+            with open(log_file, "a") as f:
+                f.write(f"leave {rank}\n")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_zero_fetches_first_and_the_others_after_it(tmp_path):
+    import torch.multiprocessing
+
+    log = tmp_path / "log"
+    torch.multiprocessing.spawn(fetch_in_turn, args=(str(tmp_path / "store"), str(log)), nprocs=2)
+    assert log.read_text().splitlines() == ["enter 0", "leave 0", "enter 1", "leave 1"]

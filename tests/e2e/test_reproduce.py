@@ -11,16 +11,20 @@ import pytest
 
 from utils.reproduce import load_plan, main, resolve_plan
 
-from ..conftest import CIFAR10_CONF, ROOT
+from ..conftest import CIFAR10_CONF, ROOT, make_image_folder
 
 TOOL = os.path.join(ROOT, "tools", "reproduce.py")
 CIFAR100_CONF = os.path.join(ROOT, "CIFAR", "cifar100_resnet20.hocon")
 
 
 def write_plan(folder, name="tiny", **keys) -> str:
-    """A plan file (JSON is valid hocon) of one CIFAR-10 cell unless ``keys`` say otherwise."""
+    """A plan file (JSON is valid hocon) of one CIFAR-10 cell unless ``keys`` say otherwise. Its default
+    ``set`` needs nothing from the network: a random teacher, a small image folder as the test set."""
+    images = folder / "images"
+    if not images.exists():
+        make_image_folder(images, classes=10, per_class=1, size=32)
     values = {"configs": [CIFAR10_CONF], "bits": [4], "act_modes": ["granq"], "seeds": [1],
-              "save_path": str(folder / "runs"), **keys}
+              "set": ["teacher_weights=random", f"dataPath={images}"], "save_path": str(folder / "runs"), **keys}
     path = folder / f"{name}.hocon"
     path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
     return str(path)
@@ -234,3 +238,105 @@ def test_run_all_scripts_run_their_plan_and_pass_arguments_on(tmp_path, script, 
     assert len(listed) == cells and all(main_py in line for line in listed)
     assert {line.split("--id ")[1].split()[0] for line in listed} == {"1", "2", "3"}
     assert list(tmp_path.iterdir()) == []
+
+
+TINY_RUN = ["teacher_weights=random", "nEpochs=1", "iters_per_epoch=2", "batchSize=4", "warmup_epochs=0",
+            "nThreads=0", "test_batch_size=8", "granq_impl=eager"]
+# Long enough to be stopped in epoch 2 (as tests/e2e/test_resume.py), deterministic to compare students.
+RESUMABLE_RUN = [*TINY_RUN, "nEpochs=3", "iters_per_epoch=5", "batchSize=24", "log_interval=1", "deterministic=true"]
+
+
+def wait_for(condition, what: str, process=None, timeout: float = 120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        assert process is None or process.poll() is None, (what, process.communicate())
+        time.sleep(0.05)
+
+
+def run_dirs(cell) -> list:
+    """The run directories in a cell's folder (not the submitit folder of --launcher slurm)."""
+    return sorted(p for p in cell.iterdir() if p.is_dir() and p.name != "submitit") if cell.exists() else []
+
+
+def test_prefetch_fetches_each_teacher_and_test_set_once_before_any_cell(tmp_path, capsys, monkeypatch):
+    from ..unit.test_locks import fake_downloads, install_fake_downloads
+
+    served = fake_downloads(tmp_path)
+    urls = install_fake_downloads(served, monkeypatch.setattr)
+    plan = write_plan(tmp_path, seeds=[1, 2], set=[f"dataPath={served['data']}"])  # the published teacher
+    fake = write_fake_python(tmp_path, "exit 0\n")
+    assert main(["--plan", plan, "--python", fake, "--dry-run"]) == 0
+    assert urls == [] and "fetch  " not in capsys.readouterr().out  # a dry run fetches nothing
+
+    assert main(["--plan", plan, "--python", fake]) == 1  # the fake runs write no summary
+    out = capsys.readouterr().out
+    assert sorted(url.rsplit("/", 1)[1] for url in urls) == ["cifar-10-python.tar.gz",
+                                                             "resnet20_cifar10-0597-9b0024ac.pth.zip"]
+    lines = out.splitlines()
+    fetched = [i for i, line in enumerate(lines) if line.startswith("fetch  ")]
+    started = [i for i, line in enumerate(lines) if "] start  " in line]
+    assert len(fetched) == 2 and len(started) == 2 and max(fetched) < min(started)
+    assert "fetch  teacher resnet20_cifar10: " in out and f"fetch  cifar10 test set: {served['data']}" in out
+    assert main(["--plan", plan, "--python", fake]) == 1
+    assert len(urls) == 2  # found, not fetched again
+
+
+def test_jobs_spread_over_every_visible_gpu(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    plan = write_plan(tmp_path, seeds=[1, 2])
+    fake = write_fake_python(tmp_path, "sleep 1\n")  # both run at once
+    assert main(["--plan", plan, "--python", fake, "--jobs", "2"]) == 1  # no summary: failed
+    out = capsys.readouterr().out
+    assert "--jobs 2 and 2 visible GPUs: the cells are spread over GPUs 3,5, each run sees one" in out
+    logs = [(tmp_path / "runs" / "tiny" / f"cifar10_resnet20_W4A4_granq_id{seed}" / "cell.log").read_text()
+            for seed in (1, 2)]
+    assert "fake run: CUDA_VISIBLE_DEVICES=3 " in logs[0] and "fake run: CUDA_VISIBLE_DEVICES=5 " in logs[1]
+    assert all("--set GPU=0" in log for log in logs)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: every run sees it, as before
+    assert main(["--plan", plan, "--python", fake, "--jobs", "2"]) == 1
+    assert "visible GPUs" not in capsys.readouterr().out
+
+
+def test_two_concurrent_calls_run_each_cell_once(tmp_path, capsys):
+    plan = write_plan(tmp_path, seeds=[1, 2], set=[f"dataPath={tmp_path / 'images'}", *TINY_RUN])
+    cells = [tmp_path / "runs" / "tiny" / f"cifar10_resnet20_W4A4_granq_id{seed}" for seed in (1, 2)]
+    command = [sys.executable, TOOL, "--plan", plan]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (cells[0] / "cell.log").exists(), "the first call to start cell 1", first)
+    assert main(["--plan", plan, "--status"]) == 0
+    assert f"running  {cells[0].name}: in a local call" in capsys.readouterr().out
+    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outs = [process.communicate(timeout=300) for process in (first, second)]
+    assert (first.returncode, second.returncode) == (0, 0), outs
+    assert f"skip   {cells[0].name}: running in another call (its lock {cells[0] / 'cell.lock'} is held)" \
+           in outs[1][0]
+    for cell in cells:
+        [run_dir] = run_dirs(cell)
+        assert (run_dir / "summary.json").exists()
+    assert main(["--plan", plan, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"done     {cell.name}: " in out for cell in cells) and "2 done" in out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_launcher_stops_its_run_at_a_checkpoint(tmp_path, cifar_folder):
+    from utils.locks import held_elsewhere
+
+    plan = write_plan(tmp_path, set=[f"dataPath={cifar_folder}", *RESUMABLE_RUN])
+    cell = tmp_path / "runs" / "tiny" / "cifar10_resnet20_W4A4_granq_id1"
+    launcher = subprocess.Popen([sys.executable, TOOL, "--plan", plan], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    wait_for(lambda: any((d / "metrics.jsonl").exists() and (d / "metrics.jsonl").read_text()
+                         for d in run_dirs(cell)), "epoch 1 of the run", launcher)
+    launcher.kill()
+    launcher.wait()
+    assert held_elsewhere(str(cell / "cell.lock"))  # the run holds the cell until it has ended
+    wait_for(lambda: not held_elsewhere(str(cell / "cell.lock")), "the run to end")
+    log = (cell / "cell.log").read_text()
+    assert "SIGTERM received" in log and "checkpoint written" in log
+    [run_dir] = run_dirs(cell)
+    assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "summary.json").exists()

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from utils.config import load_options
 import utils.distributed as distributed
+from utils.config import load_options
 from utils.data import (
     PREFETCH_BATCHES,
     build_test_loader,

@@ -126,3 +126,22 @@ def test_the_noise_generator_state_is_saved_and_restored():
     first = torch.randn(4, generator=noise)
     restore_rng(state, torch.device("cpu"), noise)
     assert torch.equal(torch.randn(4, generator=noise), first)
+
+
+def test_summary_is_written_atomically(tmp_path, monkeypatch):
+    import json
+
+    from utils import run_files
+
+    path = tmp_path / "summary.json"
+    run_files.atomic_save_json({"student_top1": 1.0}, str(path))
+
+    def crash(obj, f, **kwargs):
+        f.write('{"student_top1": ')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run_files.atomic_save_json({"student_top1": 2.0}, str(path))
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"student_top1": 1.0}
