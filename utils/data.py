@@ -11,6 +11,7 @@ from torchvision import datasets, transforms
 
 from . import distributed
 from .errors import UserError
+from .eval_cache import CachedLoader, cached_test_loader
 from .models import IMAGENET_CROP_RATIO, EvalTransform, get_model_spec
 
 __all__ = ["NORMALIZATION", "build_test_loader", "eval_transform", "find_image_folder", "normalization"]
@@ -64,14 +65,20 @@ def find_image_folder(data_path: str) -> str | None:
     return None
 
 
+def _resize_and_crop(preset: EvalTransform) -> list:
+    """The PIL steps of the test transform, before ``ToTensor``: what the evaluation cache stores."""
+    steps = []
+    if preset.resize is not None:
+        steps.append(transforms.Resize(preset.resize, transforms.InterpolationMode(preset.interpolation)))
+    if preset.crop is not None:
+        steps.append(transforms.CenterCrop(preset.crop))
+    return steps
+
+
 def _transform(options):
     preset = eval_transform(options)
-    steps = [transforms.ToTensor(), transforms.Normalize(preset.mean, preset.std)]
-    if preset.crop is not None:
-        steps.insert(0, transforms.CenterCrop(preset.crop))
-    if preset.resize is not None:
-        steps.insert(0, transforms.Resize(preset.resize, transforms.InterpolationMode(preset.interpolation)))
-    return transforms.Compose(steps)
+    return transforms.Compose(_resize_and_crop(preset) + [transforms.ToTensor(),
+                                                          transforms.Normalize(preset.mean, preset.std)])
 
 
 def _torchvision_cifar(options, transform):
@@ -84,9 +91,12 @@ def _torchvision_cifar(options, transform):
             f"downloaded into it ({error}). Offline, point dataPath to an ImageFolder root of the test set") from None
 
 
-def build_test_loader(options, device: torch.device | None = None) -> DataLoader:
+def build_test_loader(options, device: torch.device | None = None) -> DataLoader | CachedLoader:
     """Evaluation loader: an ImageFolder root when ``dataPath`` holds one, else torchvision's CIFAR.
 
+    Unless ``eval_cache = off`` (or the cache cannot be written), the images are decoded once into the
+    evaluation cache and the loader yields batches normalised on ``device`` (default: the CPU), equal to the
+    decoding loader's (:mod:`utils.eval_cache`). Otherwise the images are decoded at every evaluation.
     With workers (``nThreads`` > 0, at most one per CPU) they stay alive from one evaluation to the next and
     each keeps ``PREFETCH_BATCHES`` batches ready; batches come in pinned memory when ``device`` is CUDA
     (default: CUDA where available), so that copying them to the GPU does not block.
@@ -118,6 +128,10 @@ def build_test_loader(options, device: torch.device | None = None) -> DataLoader
     if distributed.world_size() > 1:
         # Each rank evaluates a disjoint share; evaluate() sums the counts over ranks.
         dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
+    preset = eval_transform(options)
+    cached = cached_test_loader(options, dataset, preset, _resize_and_crop(preset), device)
+    if cached is not None:
+        return cached
     workers = min(options.nThreads, os.cpu_count() or 1)
     on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     # A run evaluates after every epoch: starting the workers (and their imports) again each time would
