@@ -8,7 +8,8 @@ the real validation images have (500x375, 375x500, 500x333 and 400x300 in turn; 
 grid, smoothly enlarged: about the detail of a photograph; quality 90). Both loaders are the runs' own
 (:func:`utils.data.build_test_loader`, ImageNet's resize to 256 and centre crop of 224, ``nThreads =
 --workers``, at most one per CPU, ``test_batch_size = --batch``). Measured, each over ``--passes`` whole
-passes (the loaders: repeated until at least a second has passed) after one untimed pass:
+passes (the loaders: repeated until at least a second has passed) after one untimed pass; the rate is
+that of the median pass:
 
 - ``decode``: ``eval_cache = off``: every image decoded, resized and cropped at every pass (persistent
   workers, pinned memory on CUDA), the batches copied to the device;
@@ -31,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -83,16 +85,18 @@ def loader_only(loader, device: torch.device) -> None:
 
 
 def measure(name: str, run_pass, images: int, passes: int, min_seconds: float = 0.0) -> dict:
+    """Images/s of the median pass: on a shared machine a pass that other processes slowed down moves it less
+    than it moves the mean (``mean_images_per_s``)."""
     run_pass()  # untimed: workers start, compilation, autotuning
-    start = time.perf_counter()
-    done = 0
-    while done < passes or time.perf_counter() - start < min_seconds:
+    times = []
+    while len(times) < passes or sum(times) < min_seconds:
+        start = time.perf_counter()
         run_pass()
-        done += 1
-    seconds = time.perf_counter() - start
-    result = {"seconds": seconds, "images": images * done, "images_per_s": images * done / seconds}
-    print(f"  {name:7} {result['images_per_s']:10.1f} images/s ({done} pass(es) of {images} images, "
-          f"{seconds:.2f} s)", flush=True)
+        times.append(time.perf_counter() - start)
+    result = {"seconds": sum(times), "images": images * len(times), "passes": len(times),
+              "images_per_s": images / statistics.median(times), "mean_images_per_s": images * len(times) / sum(times)}
+    print(f"  {name:7} {result['images_per_s']:10.1f} images/s (median of {len(times)} pass(es) of {images} "
+          f"images; mean {result['mean_images_per_s']:.1f})", flush=True)
     return result
 
 

@@ -183,10 +183,11 @@ def cli_run(check: Check, granq_impl: str) -> dict:
     quick = check.quick
     with tempfile.TemporaryDirectory() as root:
         test_set, weights = labelled_test_set(root, 40 if quick else 400)
+        # the evaluation cache too goes with the temporary folder: nothing is left in ~/.cache
         sets = [f"save_path={root}/runs", f"dataPath={test_set}", f"teacher_weights={weights}", "nEpochs=2",
                 f"iters_per_epoch={2 if quick else 20}", f"batchSize={4 if quick else 16}", "warmup_epochs=0",
                 "lr_S=1e-5", "deterministic=true", f"granq_impl={granq_impl}", "test_batch_size=100",
-                f"nThreads={0 if quick else 4}"]
+                f"nThreads={0 if quick else 4}", f"eval_cache={root}/eval_cache"]
         # 6 bits: the student agrees with its teacher on part of the images only
         args = ["CIFAR/main.py", "--conf_path", CIFAR10_CONF, "--id", "1", "--qw", "6", "--qa", "6"]
         for s in sets:

@@ -358,6 +358,6 @@ class CachedLoader:
     def __iter__(self):
         for start in range(0, len(self.labels), self.batch_size):
             images = self.images[start:start + self.batch_size].to(self.device, non_blocking=True)
-            # uint8 -> float32 / 255 (ToTensor), then (x - mean) / std per channel (Normalize)
-            normalised = images.div(self._scale).sub_(self._mean).div_(self._std)
+            # ToTensor: float32, divided by 255; Normalize: minus the mean, divided by the std, per channel
+            normalised = images.to(torch.float32).div_(self._scale).sub_(self._mean).div_(self._std)
             yield normalised, self.labels[start:start + self.batch_size].clone()
