@@ -14,7 +14,8 @@ Steps, each in its own process; a step that fails or runs out of time is reporte
 4. ``train_step``: ``train_step.py``: seconds per iteration, peak memory and granq_path; CUDA: CIFAR-10
    (batch 16), CIFAR-100 (batch 200), ImageNet ResNet-18 and ResNet-50 (batch 16);
 5. ``quantizer_speed``: ``quantizer_speed.py``;
-6. ``eval_throughput``: ``eval_throughput.py``.
+6. ``eval_throughput``: ``eval_throughput.py``: the decoding and the cached test loader and the models; the
+   cached batches must equal the decoded ones.
 
 Each step writes ``STEP_DEVICE.json`` (``STEP_quick_DEVICE.json`` with ``--quick``, so that a quick run never
 replaces full figures) into ``--results``, else ``$RESULTS_DIR``, else ``benchmarks/results``; the steps'
@@ -252,9 +253,14 @@ def eval_throughput(check: Check) -> dict:
     check.run(["benchmarks/eval_throughput.py", "--device", check.device, "--json", path]
               + (["--quick"] if check.quick else []), 240, "eval_throughput.py")
     result = load(path)
+    row = result["row"]
+    if not row["exact"]:
+        raise StepFailed(f"the cached loader's batches differ from the decoding loader's; see {path}")
     rates = {name: round(r["images_per_s"], 1) for name, r in result["results"].items()}
-    return {"json": path, "images_per_s": rates, "granq_path": result["granq_path"],
-            "result": ", ".join(f"{name} {rate} images/s" for name, rate in rates.items())}
+    return {"json": path, "images_per_s": rates, "cached_over_decode": row["ratio"], "exact": row["exact"],
+            "build_s": row["build_s"], "cache_on": result["cache_on"], "granq_path": result["granq_path"],
+            "result": ", ".join(f"{name} {rate} images/s" for name, rate in rates.items())
+            + f"; cached/decode {row['ratio']}x, exact, cache on {result['cache_on']}"}
 
 
 STEPS = {

@@ -51,6 +51,7 @@ GPU_MEMORY_SHARE = 0.25
 FORMAT = 1
 MAGIC = b"GRANQ-EVAL-CACHE\n"
 HEADER_BYTES = 4096
+HEADER_KEYS = ("format", "key", "count", "shape", "images_bytes", "labels_bytes", "sha256")
 READ_CHUNK_BYTES = 64 << 20  # read and checksummed in pieces: a rank never holds more than its share at once
 INDEX = "index.json"  # per root, what was cached before: says why a new file is built
 PROGRESS_SECONDS = 30  # between progress lines while a test set is decoded
@@ -123,7 +124,9 @@ def _read_header(f, size: int) -> dict:
     try:
         header = json.loads(raw[len(MAGIC):].rstrip(b" "))
         expected = HEADER_BYTES + header["images_bytes"] + header["labels_bytes"]
-    except (ValueError, KeyError, TypeError):
+        if not set(HEADER_KEYS) <= header.keys():
+            raise KeyError(set(HEADER_KEYS) - header.keys())
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise DamagedCache("unreadable header") from None
     if size != expected:
         raise DamagedCache(f"truncated: {size} of {expected} bytes" if size < expected
@@ -148,7 +151,7 @@ def _load(path: str, described: dict, count: int, rows: list[int] | None,
     """The images and labels of ``rows`` (ascending; None: all), checked against the file's checksum."""
     with open(path, "rb") as f:
         header = _read_header(f, os.fstat(f.fileno()).st_size)
-        if header.get("format") != FORMAT or header.get("key") != described["key"] or header.get("count") != count:
+        if header["format"] != FORMAT or header["key"] != described["key"] or header["count"] != count:
             raise DamagedCache("written for another test set or transform")
         shape = tuple(header["shape"])
         rows = list(range(count)) if rows is None else rows
