@@ -1,27 +1,38 @@
-"""Evaluation throughput: images per second of the test loader alone, and of the loader with a model.
+"""Evaluation throughput: images per second of the decoding loader, of the cached loader, and of models.
 
     python benchmarks/eval_throughput.py [--device cpu|cuda] [--images-per-class 2] [--batch 200]
                                          [--workers 8] [--passes 2] [--quick] [--json PATH]
 
-A synthetic ImageNet validation set (1000 class folders of 224x224 JPEGs, smooth random colours, made in a
-temporary folder) is read by the loader every run evaluates with (:func:`utils.data.build_test_loader`:
-ImageNet's resize and crop, persistent workers, pinned memory on CUDA), with ``nThreads = --workers`` (at
-most one per CPU) and ``test_batch_size = --batch``. Measured, each over ``--passes`` whole passes after
-one untimed pass (worker start, compilation, cuDNN autotuning):
+A synthetic ImageNet validation set is made in a temporary folder: 1000 class folders of JPEGs of the sizes
+the real validation images have (500x375, 375x500, 500x333 and 400x300 in turn; random colours on a coarse
+grid, smoothly enlarged: about the detail of a photograph; quality 90). Both loaders are the runs' own
+(:func:`utils.data.build_test_loader`, ImageNet's resize to 256 and centre crop of 224, ``nThreads =
+--workers``, at most one per CPU, ``test_batch_size = --batch``). Measured, each over ``--passes`` whole
+passes (the loaders: repeated until at least a second has passed) after one untimed pass; the rate is
+that of the median pass:
 
-- ``loader``: the batches copied to the device, no model;
-- ``float``: ResNet-18 (random weights) through :func:`utils.evaluate.evaluate`, as a run evaluates its teacher;
+- ``decode``: ``eval_cache = off``: every image decoded, resized and cropped at every pass (persistent
+  workers, pinned memory on CUDA), the batches copied to the device;
+- ``cached``: ``eval_cache`` in the temporary folder: batches from the decoded uint8 array, normalised on
+  the device. ``build_s`` is the one-time cost (decoding every image once and writing the file), ``load_s``
+  what a later run pays (reading and checking the file);
+- ``float``: ResNet-18 (random weights) through :func:`utils.evaluate.evaluate` from the cached loader, as a
+  run evaluates its teacher;
 - ``granq``: its W4A4 GranQ student (kernel-wise weights, ``granq_impl = auto``), as a run evaluates it.
 
-The real validation images are larger (about 400x350 on average) and cost more to decode and resize: on a
-machine where decoding is the limit, real figures are lower. ``--quick``: only the first 64 classes hold
-an image (the others are empty folders, as the loader allows), batch 16, one timed pass.
+``exact``: every batch of the cached loader is ``torch.equal`` to the decoding loader's. The last line
+printed is one JSON row: ``decode_images_s``, ``cached_images_s``, their ``ratio``, ``exact``, ``build_s``,
+``load_s``, ``float_images_s``, ``granq_images_s``. ``--quick``: only the first 64 classes hold an image
+(the others are empty folders, as the loader allows), batch 16, one timed pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -43,13 +54,15 @@ from utils.models import get_model_spec  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "ImageNet", "imagenet_res18.hocon")
 CLASSES = 1000
+SIZES = ((500, 375), (375, 500), (500, 333), (400, 300))  # width x height, as ImageNet's validation images
+LOADER_SECONDS = 1.0  # a loader's timed passes last at least this long
 
 
-def make_folder(root: str, classes_with_images: int, per_class: int, size: int = 224, seed: int = 0) -> int:
+def make_folder(root: str, classes_with_images: int, per_class: int, seed: int = 0) -> int:
     """1000 class folders under ``root``, the first ``classes_with_images`` holding ``per_class`` JPEGs each.
 
-    Each image is random colour on a 14x14 grid, smoothly enlarged: about the detail of a photograph, where
-    pixel noise would be far harder to decode. Returns the number of images.
+    Each image is random colour on a grid of 16 x 16 pixel cells, smoothly enlarged: about the detail of a
+    photograph, where pixel noise would be far harder to decode. Returns the number of images.
     """
     rng = np.random.default_rng(seed)
     count = 0
@@ -57,8 +70,9 @@ def make_folder(root: str, classes_with_images: int, per_class: int, size: int =
         folder = os.path.join(root, f"n{c:08d}")
         os.makedirs(folder)
         for i in range(per_class if c < classes_with_images else 0):
-            small = Image.fromarray(rng.integers(0, 256, (14, 14, 3), dtype=np.uint8))
-            small.resize((size, size), Image.BILINEAR).save(os.path.join(folder, f"{i}.JPEG"), quality=90)
+            width, height = SIZES[count % len(SIZES)]
+            small = Image.fromarray(rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8))
+            small.resize((width, height), Image.BILINEAR).save(os.path.join(folder, f"{i}.JPEG"), quality=90)
             count += 1
     return count
 
@@ -70,32 +84,63 @@ def loader_only(loader, device: torch.device) -> None:
     synchronize(device)
 
 
-def measure(name: str, run_pass, images: int, passes: int) -> dict:
+def measure(name: str, run_pass, images: int, passes: int, min_seconds: float = 0.0) -> dict:
+    """Images/s of the median pass: on a shared machine a pass that other processes slowed down moves it less
+    than it moves the mean (``mean_images_per_s``)."""
     run_pass()  # untimed: workers start, compilation, autotuning
-    start = time.perf_counter()
-    for _ in range(passes):
+    times = []
+    while len(times) < passes or sum(times) < min_seconds:
+        start = time.perf_counter()
         run_pass()
-    seconds = time.perf_counter() - start
-    result = {"seconds": seconds, "images": images * passes, "images_per_s": images * passes / seconds}
-    print(f"  {name:7} {result['images_per_s']:10.1f} images/s ({passes} pass(es) of {images} images, "
-          f"{seconds:.2f} s)", flush=True)
+        times.append(time.perf_counter() - start)
+    result = {"seconds": sum(times), "images": images * len(times), "passes": len(times),
+              "images_per_s": images / statistics.median(times), "mean_images_per_s": images * len(times) / sum(times)}
+    print(f"  {name:7} {result['images_per_s']:10.1f} images/s (median of {len(times)} pass(es) of {images} "
+          f"images; mean {result['mean_images_per_s']:.1f})", flush=True)
     return result
 
 
+def same_batches(cached, decoding, device: torch.device) -> bool:
+    """Whether every batch of the cached loader equals the decoding loader's, bit for bit."""
+    pairs = 0
+    for (images, labels), (decoded, decoded_labels) in zip(cached, decoding, strict=True):
+        if not (torch.equal(images, decoded.to(device)) and torch.equal(labels, decoded_labels.to(device))):
+            return False
+        pairs += 1
+    return pairs == len(decoding)
+
+
 def measure_all(options, device: torch.device, images: int, passes: int) -> dict:
-    loader = build_test_loader(options, device)
-    print(f"batch {options.test_batch_size}, {loader.num_workers} worker(s), pinned memory: {loader.pin_memory}; "
-          f"images/s:", flush=True)
+    decoding = build_test_loader(dataclasses.replace(options, eval_cache="off"), device)
+    started = time.perf_counter()
+    build_test_loader(options, device)  # decodes every image once and writes the cache file
+    build_s = time.perf_counter() - started
+    started = time.perf_counter()
+    cached = build_test_loader(options, device)  # as a later run: reads and checks the file
+    load_s = time.perf_counter() - started
+    print(f"cache: built in {build_s:.2f} s, loaded in {load_s:.2f} s, images on {cached.images.device}; "
+          f"decoding: batch {options.test_batch_size}, {decoding.num_workers} worker(s), pinned memory: "
+          f"{decoding.pin_memory}; images/s:", flush=True)
+    exact = same_batches(cached, decoding, device)
     torch.manual_seed(0)
     float_model = get_model_spec(options.network).build().to(device).eval()
     student = quantize_model(float_model, 4, 4, "granq", "kernel", granq_impl="auto").to(device).eval()
     set_act_tracking(student, False)  # frozen, as evaluation runs it
     results = {
-        "loader": measure("loader", lambda: loader_only(loader, device), images, passes),
-        "float": measure("float", lambda: evaluate(float_model, loader, device), images, passes),
-        "granq": measure("granq", lambda: evaluate(student, loader, device), images, passes),
+        "decode": measure("decode", lambda: loader_only(decoding, device), images, passes, LOADER_SECONDS),
+        "cached": measure("cached", lambda: loader_only(cached, device), images, passes, LOADER_SECONDS),
+        "float": measure("float", lambda: evaluate(float_model, cached, device), images, passes),
+        "granq": measure("granq", lambda: evaluate(student, cached, device), images, passes),
     }
-    return {"workers": loader.num_workers, "pin_memory": loader.pin_memory, "results": results}
+    row = {"device": str(device), "images": images, "batch": options.test_batch_size,
+           "workers": decoding.num_workers, "decode_images_s": round(results["decode"]["images_per_s"], 1),
+           "cached_images_s": round(results["cached"]["images_per_s"], 1),
+           "ratio": round(results["cached"]["images_per_s"] / results["decode"]["images_per_s"], 1),
+           "exact": exact, "build_s": round(build_s, 3), "load_s": round(load_s, 3),
+           "float_images_s": round(results["float"]["images_per_s"], 2),
+           "granq_images_s": round(results["granq"]["images_per_s"], 2)}
+    return {"workers": decoding.num_workers, "pin_memory": decoding.pin_memory,
+            "cache_on": str(cached.images.device), "results": results, "row": row}
 
 
 def main(argv=None) -> int:
@@ -119,15 +164,17 @@ def main(argv=None) -> int:
     print(describe(env), flush=True)
     started = time.time()
     with tempfile.TemporaryDirectory() as root:
-        images = make_folder(root, classes_with_images, per_class)
-        print(f"{images} JPEGs of 224x224 in {CLASSES} class folders, made in {time.time() - started:.1f} s",
-              flush=True)
-        options = load_options(CONFIG, [f"dataPath={root}", f"nThreads={args.workers}",
-                                        f"test_batch_size={args.batch}", "teacher_weights=random"])
+        images = make_folder(os.path.join(root, "val"), classes_with_images, per_class)
+        print(f"{images} JPEGs of {', '.join(f'{w}x{h}' for w, h in SIZES)} in {CLASSES} class folders, made in "
+              f"{time.time() - started:.1f} s", flush=True)
+        options = load_options(CONFIG, [f"dataPath={os.path.join(root, 'val')}", f"nThreads={args.workers}",
+                                        f"test_batch_size={args.batch}", "teacher_weights=random",
+                                        f"eval_cache={os.path.join(root, 'cache')}"])
         measured = measure_all(options, device, images, args.passes)  # its loader's workers end with it
     path = granq_path("auto")
     print(f"granq_path: {path}")
     finish(env, started, args.json, {"args": vars(args), "images": images, "granq_path": path, **measured})
+    print(json.dumps(measured["row"]))
     return 0
 
 

@@ -14,7 +14,8 @@ Steps, each in its own process; a step that fails or runs out of time is reporte
 4. ``train_step``: ``train_step.py``: seconds per iteration, peak memory and granq_path; CUDA: CIFAR-10
    (batch 16), CIFAR-100 (batch 200), ImageNet ResNet-18 and ResNet-50 (batch 16);
 5. ``quantizer_speed``: ``quantizer_speed.py``;
-6. ``eval_throughput``: ``eval_throughput.py``.
+6. ``eval_throughput``: ``eval_throughput.py``: the decoding and the cached test loader and the models; the
+   cached batches must equal the decoded ones.
 
 Each step writes ``STEP_DEVICE.json`` (``STEP_quick_DEVICE.json`` with ``--quick``, so that a quick run never
 replaces full figures) into ``--results``, else ``$RESULTS_DIR``, else ``benchmarks/results``; the steps'
@@ -183,10 +184,11 @@ def cli_run(check: Check, granq_impl: str) -> dict:
     quick = check.quick
     with tempfile.TemporaryDirectory() as root:
         test_set, weights = labelled_test_set(root, 40 if quick else 400)
+        # the evaluation cache too goes with the temporary folder: nothing is left in ~/.cache
         sets = [f"save_path={root}/runs", f"dataPath={test_set}", f"teacher_weights={weights}", "nEpochs=2",
                 f"iters_per_epoch={2 if quick else 20}", f"batchSize={4 if quick else 16}", "warmup_epochs=0",
                 "lr_S=1e-5", "deterministic=true", f"granq_impl={granq_impl}", "test_batch_size=100",
-                f"nThreads={0 if quick else 4}"]
+                f"nThreads={0 if quick else 4}", f"eval_cache={root}/eval_cache"]
         # 6 bits: the student agrees with its teacher on part of the images only
         args = ["CIFAR/main.py", "--conf_path", CIFAR10_CONF, "--id", "1", "--qw", "6", "--qa", "6"]
         for s in sets:
@@ -251,9 +253,14 @@ def eval_throughput(check: Check) -> dict:
     check.run(["benchmarks/eval_throughput.py", "--device", check.device, "--json", path]
               + (["--quick"] if check.quick else []), 240, "eval_throughput.py")
     result = load(path)
+    row = result["row"]
+    if not row["exact"]:
+        raise StepFailed(f"the cached loader's batches differ from the decoding loader's; see {path}")
     rates = {name: round(r["images_per_s"], 1) for name, r in result["results"].items()}
-    return {"json": path, "images_per_s": rates, "granq_path": result["granq_path"],
-            "result": ", ".join(f"{name} {rate} images/s" for name, rate in rates.items())}
+    return {"json": path, "images_per_s": rates, "cached_over_decode": row["ratio"], "exact": row["exact"],
+            "build_s": row["build_s"], "cache_on": result["cache_on"], "granq_path": result["granq_path"],
+            "result": ", ".join(f"{name} {rate} images/s" for name, rate in rates.items())
+            + f"; cached/decode {row['ratio']}x, exact, cache on {result['cache_on']}"}
 
 
 STEPS = {

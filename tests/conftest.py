@@ -54,6 +54,18 @@ def restore_backend_flags():
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[3]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def eval_cache_in_tmp(tmp_path_factory):
+    """The evaluation cache (``eval_cache = auto``) in a temporary folder: tests never write to ~/.cache."""
+    saved = os.environ.get("GRANQ_CACHE")
+    os.environ["GRANQ_CACHE"] = str(tmp_path_factory.mktemp("granq_cache"))
+    yield os.environ["GRANQ_CACHE"]
+    if saved is None:
+        os.environ.pop("GRANQ_CACHE", None)
+    else:
+        os.environ["GRANQ_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def cifar_folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("cifar_folder"), classes=10, per_class=2, size=32)

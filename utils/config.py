@@ -11,6 +11,7 @@ and checked when the teacher is built. A user's ``MODULE:FUNCTION`` model takes 
 
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from quantization_utils import ACT_TYPES, DEFAULT_ACT_TYPES, GRANQ_IMPLS, act_qu
 from quantization_utils.functional import MAX_BITS, MIN_BITS, WEIGHT_GRANULARITIES
 
 from .errors import ConfigError, UserError
+from .eval_cache import EVAL_CACHE_MODES
 from .models import get_model_spec
 from .optim import LR_POLICIES
 
@@ -101,6 +103,7 @@ class Options:
     norm_mean: list[float] = field(default_factory=list)  # empty: the dataset's
     norm_std: list[float] = field(default_factory=list)
     test_batch_size: int = 200
+    eval_cache: str = "auto"  # auto | off | a directory: the test set decoded once (utils/eval_cache.py)
     eval_every: int = 1  # evaluate every this many epochs, and always after the last
     eval_start_epoch: int = 0  # no evaluation before this (0-based) epoch, except after the last
     # Output
@@ -161,6 +164,13 @@ class Options:
                                   f"dataset's default")
         if any(s <= 0 for s in self.norm_std):
             raise ConfigError(f"norm_std = {self.norm_std} must be positive")
+        if self.eval_cache not in EVAL_CACHE_MODES:
+            # A path must look like one, so that a mistyped word ("false", "none") is not taken for a folder.
+            if not (os.sep in self.eval_cache or self.eval_cache.startswith("~")):
+                raise ConfigError(f"eval_cache = {self.eval_cache!r} is not valid: auto (the default cache "
+                                  f"folder), off, or a directory path such as ./eval_cache")
+            if os.path.isfile(os.path.expanduser(self.eval_cache)):
+                raise ConfigError(f"eval_cache = {self.eval_cache!r} is a file: give a directory, auto or off")
         return self
 
     def schedule(self, net: str) -> tuple[float, str, list[int], float]:

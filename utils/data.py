@@ -6,7 +6,6 @@ import logging
 import math
 import multiprocessing.util  # noqa: F401 (imported first, so that its exit handler runs after close_workers)
 import os
-import signal
 import weakref
 
 import torch
@@ -14,9 +13,11 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from . import distributed
+from .distributed import evaluation_workers
 from .errors import UserError
+from .eval_cache import CachedLoader, cached_test_loader
 from .models import IMAGENET_CROP_RATIO, EvalTransform, get_model_spec
-from .stopping import STOP_SIGNALS
+from .stopping import ignore_stop_signals
 
 __all__ = ["NORMALIZATION", "build_test_loader", "close_workers", "eval_transform", "evaluation_workers",
            "find_image_folder", "ignore_stop_signals", "normalization"]
@@ -70,14 +71,20 @@ def find_image_folder(data_path: str) -> str | None:
     return None
 
 
+def _resize_and_crop(preset: EvalTransform) -> list:
+    """The PIL steps of the test transform, before ``ToTensor``: what the evaluation cache stores."""
+    steps = []
+    if preset.resize is not None:
+        steps.append(transforms.Resize(preset.resize, transforms.InterpolationMode(preset.interpolation)))
+    if preset.crop is not None:
+        steps.append(transforms.CenterCrop(preset.crop))
+    return steps
+
+
 def _transform(options):
     preset = eval_transform(options)
-    steps = [transforms.ToTensor(), transforms.Normalize(preset.mean, preset.std)]
-    if preset.crop is not None:
-        steps.insert(0, transforms.CenterCrop(preset.crop))
-    if preset.resize is not None:
-        steps.insert(0, transforms.Resize(preset.resize, transforms.InterpolationMode(preset.interpolation)))
-    return transforms.Compose(steps)
+    return transforms.Compose(_resize_and_crop(preset) + [transforms.ToTensor(),
+                                                          transforms.Normalize(preset.mean, preset.std)])
 
 
 def _torchvision_cifar(options, transform):
@@ -94,9 +101,12 @@ def _torchvision_cifar(options, transform):
             f"downloaded into it ({error}). Offline, point dataPath to an ImageFolder root of the test set") from None
 
 
-def build_test_loader(options, device: torch.device | None = None) -> DataLoader:
+def build_test_loader(options, device: torch.device | None = None) -> DataLoader | CachedLoader:
     """Evaluation loader: an ImageFolder root when ``dataPath`` holds one, else torchvision's CIFAR.
 
+    Unless ``eval_cache = off`` (or the cache cannot be written), the images are decoded once into the
+    evaluation cache and the loader yields batches normalised on ``device`` (default: the CPU), equal to the
+    decoding loader's (:mod:`utils.eval_cache`). Otherwise the images are decoded at every evaluation.
     With workers (``nThreads`` > 0, at most one per CPU) they stay alive from one evaluation to the next and
     each keeps ``PREFETCH_BATCHES`` batches ready; batches come in pinned memory when ``device`` is CUDA
     (default: CUDA where available), so that copying them to the GPU does not block.
@@ -128,6 +138,10 @@ def build_test_loader(options, device: torch.device | None = None) -> DataLoader
     if distributed.world_size() > 1:
         # Each rank evaluates a disjoint share; evaluate() sums the counts over ranks.
         dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
+    preset = eval_transform(options)
+    cached = cached_test_loader(options, dataset, preset, _resize_and_crop(preset), device)
+    if cached is not None:
+        return cached
     workers = evaluation_workers(options.nThreads)
     on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     # A run evaluates after every epoch: starting the workers (and their imports) again each time would
@@ -160,18 +174,3 @@ _LOADERS_WITH_WORKERS = weakref.WeakSet()
 atexit.register(lambda: [close_workers(loader) for loader in list(_LOADERS_WITH_WORKERS)])
 
 
-def evaluation_workers(threads: int) -> int:
-    """Loader workers of this process for ``nThreads = threads``: at most one per CPU, and under torchrun
-    the machine's share of one rank (``threads // LOCAL_WORLD_SIZE``, at least 1 where ``threads`` > 0)."""
-    if threads == 0:
-        return 0
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.is_distributed() else 1
-    return max(1, min(threads, os.cpu_count() or 1) // local_ranks)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """In each loader worker: ignore SIGINT, SIGTERM and SIGHUP. A signal sent to the whole process group
-    (a terminal's Ctrl-C, SLURM's SIGTERM) then reaches the workers harmlessly, and the main process decides
-    when to stop; the workers end with it."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)

@@ -29,5 +29,6 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
         assert steps[name]["eval_top1"] == steps[name]["student_top1"]
     assert steps["cli_compiled"]["granq_path"] == "compiled"
     assert steps["cli"]["tf32"] == {"conv": False, "matmul": False}
-    assert set(steps["eval_throughput"]["images_per_s"]) == {"loader", "float", "granq"}
+    assert set(steps["eval_throughput"]["images_per_s"]) == {"decode", "cached", "float", "granq"}
+    assert steps["eval_throughput"]["exact"] is True
     assert (tmp_path / "gpu_check_quick_cpu.log").stat().st_size > 0

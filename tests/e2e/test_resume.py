@@ -34,6 +34,9 @@ def without_timings(records):
     return [{k: v for k, v in r.items() if "seconds" not in k} for r in records]
 
 
+WITH_WORKERS = ("--set", "nThreads=2", "--set", "eval_cache=off")
+
+
 def wait_for(path, text: str, process, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None:
@@ -45,9 +48,10 @@ def wait_for(path, text: str, process, timeout: float = 120) -> None:
 
 @pytest.fixture(scope="module")
 def straight_with_workers(tmp_path_factory, cifar_folder):
-    """An uninterrupted run with 2 evaluation workers, the CPU's share of the CIFAR default (8)."""
+    """An uninterrupted run with 2 evaluation workers, the CPU's share of the CIFAR default (8), decoding the test
+    images at every evaluation (no cache), so that the workers live through the whole run."""
     save_path = tmp_path_factory.mktemp("straight")
-    code, lines = run_main(resumable_args(save_path, cifar_folder, "--set", "nThreads=2"))
+    code, lines = run_main(resumable_args(save_path, cifar_folder, *WITH_WORKERS))
     assert code == 0
     return last_json(lines)
 
@@ -60,7 +64,7 @@ def test_a_signal_to_the_process_group_checkpoints_and_resumes_to_the_same_stude
     save_path = tmp_path / "interrupted"
     err_path = tmp_path / "stderr.txt"
     command = [sys.executable, os.path.join(ROOT, "tests", "e2e", "slow_main.py"),
-               *resumable_args(save_path, cifar_folder, "--set", "nThreads=2")]
+               *resumable_args(save_path, cifar_folder, *WITH_WORKERS)]
     with open(err_path, "w") as err:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
     wait_for(err_path, f"slow_main: {phase} epoch 2", process)
@@ -87,14 +91,15 @@ def test_a_signal_to_the_process_group_checkpoints_and_resumes_to_the_same_stude
         assert "resumed at epoch" in f.read()
 
 
-@pytest.mark.parametrize("changes", [("eval_every=3",), ("nThreads=2",), ("nThreads=2", "eval_every=3")],
+@pytest.mark.parametrize("changes", [("eval_every=3",), ("nThreads=2",), ("nThreads=2", "eval_every=3"),
+                                     ("eval_cache=auto",)],
                          ids=lambda changes: ",".join(changes))
 def test_evaluation_settings_do_not_change_the_trained_student(tmp_path, cifar_folder, straight_with_workers,
                                                                 changes):
     """The training noise has its own stream: when and with how many workers the run evaluates cannot move it."""
-    base = ("nThreads=0", "eval_every=1")
+    base = ("eval_cache=off", "nThreads=0", "eval_every=1")
     sets = [arg for text in (*base, *changes) for arg in ("--set", text)]
-    code, lines = run_main(resumable_args(tmp_path / "base", cifar_folder, *sets[:4]))
+    code, lines = run_main(resumable_args(tmp_path / "base", cifar_folder, *sets[:6]))
     assert code == 0
     code, changed = run_main(resumable_args(tmp_path / "changed", cifar_folder, *sets))
     assert code == 0

@@ -92,6 +92,22 @@ def test_bad_values_get_clear_errors(override, message):
         load_options(CIFAR10_CONF, [override])
 
 
+@pytest.mark.parametrize("value", ["none", "false", "on", "", "eval cache"])
+def test_eval_cache_is_auto_off_or_a_directory(value, tmp_path):
+    assert load_options(CIFAR10_CONF).eval_cache == "auto"
+    for valid in ("auto", "off", "./cache", "~/cache", str(tmp_path)):
+        assert load_options(CIFAR10_CONF, [f"eval_cache={valid}"]).eval_cache == valid
+    with pytest.raises(ConfigError, match=f"eval_cache = '{value}' is not valid: auto .*, off, or a directory path"):
+        load_options(CIFAR10_CONF, [f"eval_cache={value}"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="eval_cache = '.*file' is a file: give a directory"):
+        load_options(CIFAR10_CONF, [f"eval_cache={tmp_path / 'file'}"])
+    conf = tmp_path / "off.hocon"
+    conf.write_text(f'include "{CIFAR10_CONF}"\neval_cache = false\n')
+    with pytest.raises(ConfigError, match="eval_cache must be a string, got False"):
+        load_options(str(conf))
+
+
 def test_missing_and_unparsable_config(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_options(str(tmp_path / "none.hocon"))

@@ -72,13 +72,13 @@ def test_shared_cifar10_jpeg_set():
 
 def test_workers_persist_and_prefetch(cifar_folder, monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    loader = build_test_loader(options(cifar_folder, "nThreads=8"), torch.device("cpu"))
+    loader = build_test_loader(options(cifar_folder, "nThreads=8", "eval_cache=off"), torch.device("cpu"))
     assert loader.num_workers == 2  # at most one per CPU
     assert loader.persistent_workers and loader.prefetch_factor == PREFETCH_BATCHES
     assert not loader.pin_memory
     images, labels = next(iter(loader))
     assert images.shape == (4, 3, 32, 32) and labels.tolist() == [0, 0, 1, 1]
-    without_workers = build_test_loader(options(cifar_folder), torch.device("cpu"))
+    without_workers = build_test_loader(options(cifar_folder, "eval_cache=off"), torch.device("cpu"))
     assert without_workers.num_workers == 0 and not without_workers.persistent_workers
 
 
@@ -92,7 +92,7 @@ def test_torchrun_ranks_share_the_workers_of_a_machine(monkeypatch, threads, loc
 
 def test_iterating_the_loader_draws_nothing_from_the_global_random_stream(cifar_folder, monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    loader = build_test_loader(options(cifar_folder, "nThreads=2"), torch.device("cpu"))
+    loader = build_test_loader(options(cifar_folder, "nThreads=2", "eval_cache=off"), torch.device("cpu"))
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
@@ -106,8 +106,8 @@ def test_iterating_the_loader_draws_nothing_from_the_global_random_stream(cifar_
 
 def test_batches_are_pinned_for_cuda_only(cifar_folder):
     # A device object is only a name: nothing runs on CUDA here.
-    assert build_test_loader(options(cifar_folder), torch.device("cuda", 0)).pin_memory
-    assert not build_test_loader(options(cifar_folder), torch.device("cpu")).pin_memory
+    assert build_test_loader(options(cifar_folder, "eval_cache=off"), torch.device("cuda", 0)).pin_memory
+    assert not build_test_loader(options(cifar_folder, "eval_cache=off"), torch.device("cpu")).pin_memory
 
 
 def imagenet_folder(root, classes_with_images=(3,)):
