@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-import utils.trainer as trainer_module
+import utils.losses.kd as kd_module
 from quantization_utils import QuantAct
 from utils.config import load_options
 from utils.data import build_test_loader
@@ -123,8 +123,8 @@ def test_warmup_trains_only_the_generator(small_trainer):
 
 def test_student_loss_uses_the_configured_temperature(small_trainer, monkeypatch):
     seen = []
-    real = trainer_module.kd_loss
-    monkeypatch.setattr(trainer_module, "kd_loss", lambda t, s, temperature: seen.append(temperature) or real(
+    real = kd_module.kd_loss
+    monkeypatch.setattr(kd_module, "kd_loss", lambda t, s, temperature: seen.append(temperature) or real(
         t, s, temperature))
     trainer, _ = small_trainer("temperature=7.5", "warmup_epochs=0")
     trainer.train_epoch(0)
