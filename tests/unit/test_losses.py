@@ -10,6 +10,7 @@ from utils.losses import (
     STUDENT_LOSSES,
     BNStatistics,
     FeatureCapture,
+    MissingLayersError,
     NonFiniteLossError,
     StudentBatch,
     StudentLoss,
@@ -169,7 +170,7 @@ def test_attention_sums_over_the_batch_and_the_blocks():
 
 def linear_cam_model(features):
     """logits = W . spatial mean of the features, so that d logit_c / d A_k = W[c, k] / (U * V)."""
-    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    weight = torch.tensor([[1.0, -0.5], [0.0, 1.0], [-1.0, -1.0]])
     return features.mean(dim=(2, 3)) @ weight.T
 
 
@@ -180,8 +181,8 @@ def test_cam_term_by_hand():
     term.layer_names = ("conv",)
     value = term(batch_of(linear_cam_model(teacher), linear_cam_model(student),
                           teacher_features={"conv": teacher}, student_features={"conv": student}))
-    # teacher: logits (2.5, 0.5, -3), class 0, weights (1/4, 0): map (1 2; 3 4) / 4 -> min-max (0 1/3; 2/3 1)
-    # student: logits (0.25, 1.5, -1.75), class 1, weights (0, 1/4): map (2 2; 2 0) / 4 -> (1 1; 1 0)
+    # teacher: logits (2.25, 0.5, -3), class 0, weights (1/4, -1/8 -> 0): map (1 2; 3 4) / 4 -> (0 1/3; 2/3 1)
+    # student: logits (-0.5, 1.5, -1.75), class 1, weights (0, 1/4): map (2 2; 2 0) / 4 -> (1 1; 1 0)
     expected = 3.0 * ((0 - 1) ** 2 + (1 / 3 - 1) ** 2 + (2 / 3 - 1) ** 2 + (1 - 0) ** 2) / 4
     assert value.item() == pytest.approx(expected, rel=1e-6)
     value.backward()
@@ -264,6 +265,12 @@ def test_registration_needs_a_docstring_a_base_class_and_a_new_name():
 def test_stage_blocks_are_the_residual_blocks(network, first, count):
     blocks = stage_blocks(get_model_spec(network).build())
     assert blocks[0] == first and len(blocks) == count
+
+
+def test_a_sequence_of_unlike_blocks_is_no_stage():
+    # torchvision's MobileNetV2 stacks a conv-BN-ReLU6 block and inverted residuals of another class in one Sequential
+    with pytest.raises(MissingLayersError, match="residual blocks"):
+        stage_blocks(get_model_spec("torchvision:mobilenet_v2").build())
 
 
 def test_last_spatial_conv_skips_a_classifier_after_pooling():
