@@ -170,8 +170,10 @@ def test_resnet20a_full_precision_and_w8a8_on_shared_data(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: device syncs exist only there")
-def test_training_step_never_synchronizes_the_device(tmp_path):
-    options = load_options(CIFAR10_CONF, ["batchSize=8", "warmup_epochs=0"])
+@pytest.mark.parametrize("student_loss", [[], ["student_losses=[kd, attention, cam, reliable_ce, pseudo_label]",
+                                               "student_input_filter=lowpass"]])
+def test_training_step_never_synchronizes_the_device(tmp_path, student_loss):
+    options = load_options(CIFAR10_CONF, ["batchSize=8", "warmup_epochs=0", *student_loss])
     teacher, _ = build_teacher(options.network, "random")
     trainer = Trainer(options, teacher, None, torch.device("cuda"), str(tmp_path), {"id": 0, "seed": 1})
     for _ in range(2):  # compilation and its one-time check against eager happen here
