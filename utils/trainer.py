@@ -164,8 +164,9 @@ class Trainer:
             with self.features.capture():
                 teacher_logits = self.teacher(student_images)
                 student_logits = self._student(student_images, sync=train_student)
-        batch = StudentBatch(teacher_logits, student_logits, labels, self.features.outputs["teacher"],
-                             self.features.outputs["student"], self.student_progress())
+        features = self.features.take()
+        batch = StudentBatch(teacher_logits, student_logits, labels, features["teacher"], features["student"],
+                             self.student_progress())
         terms = [term(batch) for _, term in self.student_losses]
         loss_S = torch.stack(terms).sum()
 

@@ -9,10 +9,10 @@ import pytest
 
 from ..conftest import CIFAR10_CONF, CIFAR10A_CONF, RESNET20A_WEIGHTS, last_json, needs_shared_data, run_main
 
-# student_sha256 of the short run below, recorded at commit 3b3b963 (before student_losses existed) with
-# `python -m pytest tests/e2e/test_student_losses.py -k default` on an AMD EPYC CPU (2 cores), torch 2.14.1. A change
-# to the default training noise stream, or another CPU's rounding, changes it: re-record it there on the commit
-# before such a change, never from the code under test.
+# student_sha256 of the short run of the test below, recorded at commit 3b3b963 (before student_losses existed) by
+# running the same arguments through utils.run.main there, on an AMD EPYC CPU (2 cores) with torch 2.14.1; the
+# code of this commit gives it too. A change to the default training noise stream, or another CPU's rounding,
+# changes it: re-record it on the commit before such a change, never from the code under test.
 DEFAULT_STUDENT_SHA256 = "51a33aa424284211"
 
 

@@ -291,7 +291,9 @@ def test_feature_capture_collects_only_inside_capture_and_removes_its_hooks():
     with capture.capture():
         teacher(x)
         student(x)
-    assert torch.equal(capture.outputs["student"]["0"], student[0](x))
+    outputs = capture.take()
+    assert torch.equal(outputs["student"]["0"], student[0](x)) and torch.equal(outputs["teacher"]["0"], teacher[0](x))
+    assert capture.outputs == {"teacher": {}, "student": {}}  # handed over, not kept
     capture.remove()
     assert not teacher[0]._forward_hooks and not student[0]._forward_hooks
     assert not FeatureCapture({"teacher": teacher}, [])._handles

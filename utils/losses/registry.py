@@ -201,13 +201,18 @@ class FeatureCapture:
         if not enabled or not self.layers:
             yield self
             return
-        for outputs in self.outputs.values():
-            outputs.clear()
+        self.take()
         self._collecting = True
         try:
             yield self
         finally:
             self._collecting = False
+
+    def take(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The outputs collected so far, by role, handed over: the capture keeps no reference to them (nor to the
+        graphs they carry) once the caller is done."""
+        outputs, self.outputs = self.outputs, {role: {} for role in self.outputs}
+        return outputs
 
     def remove(self) -> None:
         for handle in self._handles:
