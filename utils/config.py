@@ -22,22 +22,26 @@ from quantization_utils.functional import MAX_BITS, MIN_BITS, WEIGHT_GRANULARITI
 
 from .errors import ConfigError, UserError
 from .eval_cache import EVAL_CACHE_MODES
+from .losses import input_filter_names, student_loss_names
 from .models import get_model_spec
 from .optim import LR_POLICIES
 
-__all__ = ["DATASET_CLASSES", "GENERATORS", "LEGACY_KEYS", "Options", "load_options", "parse_override"]
+__all__ = ["DATASET_CLASSES", "GENERATORS", "LEGACY_KEYS", "Options", "RECIPES_DIR", "load_options", "load_recipe",
+           "parse_override", "recipe_names"]
 
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 GENERATORS = ("label_embedding", "conditional_bn")
 NETWORKS = ("S", "G")  # the suffixes of the student's and the generator's optimiser keys
 OPTIMIZERS = ("SGD", "Adam")
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 
 # Keys of the official configs that have no effect here; accepted so published configs still load.
 LEGACY_KEYS = {
     "nGPU": "use torchrun for several GPUs",
     "visible_devices": "set CUDA_VISIBLE_DEVICES instead",
     "alpha": "the official code never uses it",
-    "fd_temperature": "the feature-distillation loss it belongs to is never used by the official code",
+    "fd_temperature": "the feature-distillation loss it belongs to is never used by the official code; the "
+                      "attention term of student_losses reads attention_temperature",
 }
 
 
@@ -91,6 +95,21 @@ class Options:
     temperature: float = 20.0
     alpha: float = 1.0
     fd_temperature: float = 8.0
+    # The student's loss: registered terms (utils/losses, docs/addons.md) and the filter of its input images.
+    # Defaults are the papers'; the dataset-specific ones are set in the CIFAR and ImageNet configs.
+    recipe: str = ""  # a named set of the keys below, recipes/NAME.hocon (or a path); see load_options
+    student_losses: list[str] = field(default_factory=lambda: ["kd"])
+    student_input_filter: str = "none"  # none | lowpass
+    lowpass_d0: float = 80.0  # SynQ: the low-pass cut-off radius at 224 px, scaled with the image size
+    attention_weight: float = 1000.0  # AKT
+    attention_temperature: float = 8.0  # AKT
+    cam_weight: float = 200.0  # SynQ (its ImageNet 3-bit script: 50)
+    reliable_ce_weight: float = 0.5  # SynQ's scripts
+    reliable_ce_tau: float = 0.5  # SynQ (0.7 on CIFAR-10)
+    pseudo_label_upper: float = 0.5  # PLF, CIFAR (ImageNet: 0.4)
+    pseudo_label_lower: float = 0.2  # PLF, CIFAR (ImageNet: 0.1)
+    pseudo_label_beta: float = 0.3  # PLF, CIFAR (ImageNet: 0.5)
+    pseudo_label_weight: float = 1.0
     # Generator
     generator: str = ""  # label_embedding | conditional_bn; empty: by dataset
     latent_dim: int = 100
@@ -171,7 +190,31 @@ class Options:
                                   f"folder), off, or a directory path such as ./eval_cache")
             if os.path.isfile(os.path.expanduser(self.eval_cache)):
                 raise ConfigError(f"eval_cache = {self.eval_cache!r} is a file: give a directory, auto or off")
+        self._validate_student_losses()
         return self
+
+    def _validate_student_losses(self) -> None:
+        if not self.student_losses:
+            raise ConfigError(f"student_losses = [] names no term; choose from: {', '.join(student_loss_names())}")
+        for name in self.student_losses:
+            if name not in student_loss_names():
+                raise ConfigError(f"student_losses = {self.student_losses}: {name!r} is not a registered term; "
+                                  f"choose from: {', '.join(student_loss_names())}")
+        if len(set(self.student_losses)) != len(self.student_losses):
+            raise ConfigError(f"student_losses = {self.student_losses} lists a term twice")
+        _choice(self, "student_input_filter", input_filter_names())
+        for key in ("lowpass_d0", "attention_temperature"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} = {getattr(self, key)} must be positive")
+        for key in ("attention_weight", "cam_weight", "reliable_ce_weight", "pseudo_label_beta", "pseudo_label_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} = {getattr(self, key)} must be at least 0")
+        if not 0 < self.reliable_ce_tau <= 1:
+            raise ConfigError(f"reliable_ce_tau = {self.reliable_ce_tau} must be in (0, 1]: a difficulty "
+                              f"1 - p(label) below it marks an easy sample")
+        if not 0 <= self.pseudo_label_lower <= self.pseudo_label_upper <= 1:
+            raise ConfigError(f"pseudo_label_lower = {self.pseudo_label_lower} and pseudo_label_upper = "
+                              f"{self.pseudo_label_upper} must satisfy 0 <= lower <= upper <= 1 (normalised entropy)")
 
     def schedule(self, net: str) -> tuple[float, str, list[int], float]:
         """(base rate, policy, steps, decay) of the student (``net = "S"``) or the generator (``"G"``)."""
@@ -266,23 +309,50 @@ def parse_override(text: str) -> tuple[str, object]:
     return key, _coerce(key, value)
 
 
-def load_options(conf_path: str, overrides: typing.Iterable[str] = (), **explicit) -> Options:
-    """Read ``conf_path``, apply ``--set`` overrides, then ``explicit`` values that are not None."""
+def _read_hocon(path: str, what: str) -> dict:
     try:
-        tree = ConfigFactory.parse_file(conf_path)
+        tree = ConfigFactory.parse_file(path)
     except FileNotFoundError:
-        raise ConfigError(f"config file {conf_path!r} does not exist") from None
+        raise ConfigError(f"{what} {path!r} does not exist") from None
     except Exception as error:  # pyhocon raises its own and pyparsing's exceptions
-        raise ConfigError(f"config file {conf_path!r} cannot be parsed: {error}") from None
+        raise ConfigError(f"{what} {path!r} cannot be parsed: {error}") from None
     values = dict(tree.as_plain_ordered_dict())
     _check_known(values)
-    values = {key: _coerce(key, value) for key, value in values.items()}
-    for text in overrides:
-        key, value = parse_override(text)
-        values[key] = value
-    for key, value in explicit.items():
-        if value is not None:
-            values[key] = _coerce(key, value)
+    return {key: _coerce(key, value) for key, value in values.items()}
+
+
+def recipe_names() -> list[str]:
+    """The recipes in ``recipes/``, by name."""
+    if not os.path.isdir(RECIPES_DIR):
+        return []
+    return sorted(name[:-len(".hocon")] for name in os.listdir(RECIPES_DIR) if name.endswith(".hocon"))
+
+
+def load_recipe(name: str) -> dict:
+    """The keys of recipe ``name``: ``recipes/NAME.hocon``, or a hocon file at the path ``name``."""
+    path = name if name.endswith(".hocon") else os.path.join(RECIPES_DIR, f"{name}.hocon")
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe = {name!r}: no such recipe; choose from: {', '.join(recipe_names())} "
+                          f"(recipes/NAME.hocon), or give the path of a .hocon file")
+    values = _read_hocon(path, "recipe file")
+    if "recipe" in values:
+        raise ConfigError(f"recipe file {path!r} sets recipe itself; a recipe cannot name another")
+    return values
+
+
+def load_options(conf_path: str, overrides: typing.Iterable[str] = (), **explicit) -> Options:
+    """Read ``conf_path``, apply ``--set`` overrides, then ``explicit`` values that are not None.
+
+    ``recipe = NAME`` (in the file or an override) adds the keys of :func:`load_recipe` beneath the config file's:
+    they replace the defaults, while the file's own keys, ``--set`` and ``explicit`` still win. So a recipe picks
+    the terms and the settings the dataset configs leave open, the dataset configs keep their paper values, and a
+    resolved ``config.hocon`` (which records the recipe's name with every value) loads to the same options.
+    """
+    file_values = _read_hocon(conf_path, "config file")
+    given = dict(parse_override(text) for text in overrides)
+    given.update({key: _coerce(key, value) for key, value in explicit.items() if value is not None})
+    recipe = given.get("recipe", file_values.get("recipe", ""))
+    values = {**(load_recipe(recipe) if recipe else {}), **file_values, **given}
     return Options(**_network_defaults(values)).validate()
 
 

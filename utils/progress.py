@@ -43,12 +43,14 @@ class Progress:
             self.bar = None
 
 
-def log_epoch(record: dict, epochs: int) -> None:
-    """The end-of-epoch line: accuracy, each loss, the teacher's accuracy on generated images, learning rates."""
+def log_epoch(record: dict, epochs: int, student_terms=()) -> None:
+    """The end-of-epoch line: accuracy, each loss (``student_terms``: the names of the terms of loss_S and any
+    filter value, shown after it), the teacher's accuracy on generated images, learning rates."""
     accuracy = (f"student top-1 {record['student_top1']:.2f}% top-5 {record['student_top5']:.2f}% "
                 f"(best {record['best_top1']:.2f}%)" if "student_top1" in record else "not evaluated")
-    logger.info("epoch %d/%d: %s | loss_G %.4f (marginal %.4f, onehot %.4f, bns %.4f) loss_S %.4f | "
+    terms = ", ".join(f"{name} {record[name]:.4f}" for name in student_terms)
+    logger.info("epoch %d/%d: %s | loss_G %.4f (marginal %.4f, onehot %.4f, bns %.4f) loss_S %.4f%s | "
                 "teacher acc on generated %.1f%% | lr_S %.2e lr_G %.2e | %.1fs",
                 record["epoch"], epochs, accuracy, record["loss_G"], record["marginal"], record["onehot"],
-                record["bns"], record["loss_S"], 100 * record["teacher_acc"], record["lr_S"], record["lr_G"],
-                record["epoch_seconds"])
+                record["bns"], record["loss_S"], f" ({terms})" if terms else "", 100 * record["teacher_acc"],
+                record["lr_S"], record["lr_G"], record["epoch_seconds"])

@@ -1,10 +1,12 @@
 """Whole tables in one command: expand a plan into cells, run what is missing, tabulate what finished.
 
 A plan is a hocon file (``tools/plans/*.hocon``) with the keys of :data:`PLAN_KEYS`. Its cells are every
-config x bit-width x act_mode x seed. Cell ``NAME`` (``{config}_W{b}A{b}_{act_mode}_id{seed}``) lives in
-``save_path/<plan>/NAME/``: that folder is the run's ``save_path``, so the run makes its own timestamped
-directory inside, and ``cell.log`` there collects the command's output over every attempt. On each call a
-cell is
+config x bit-width x act_mode x seed, and with ``variants`` every config x variant x bit-width x act_mode x seed:
+a variant is a named list of ``key=value`` overrides, and ``per_config`` may give a config (by file name) only
+some of the variants and overrides of its own. Cell ``NAME`` (``{config}_W{b}A{b}_{act_mode}_id{seed}``, with
+variants ``{config}_W{b}A{b}_{act_mode}_{variant}_id{seed}``) lives in ``save_path/<plan>/NAME/``: that folder
+is the run's ``save_path``, so the run makes its own timestamped directory inside, and ``cell.log`` there
+collects the command's output over every attempt. On each call a cell is
 
 - done when a run directory in its folder holds ``summary.json`` (skipped),
 - resumed with ``--resume RUN_DIR`` when a run directory holds ``checkpoint.pt`` but no summary
@@ -27,6 +29,7 @@ import datetime
 import glob
 import itertools
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -61,7 +64,12 @@ PLAN_KEYS = {
     "set": (list[str], False, "key=value overrides added to every cell"),
     "save_path": (str, False, f"cells go to <save_path>/<plan name>/<cell>/ (default {DEFAULT_SAVE_PATH})"),
     "slurm": (dict, False, "for --launcher slurm: partition, time, gpus_per_cell, cpus_per_gpu, account"),
+    "variants": (dict, False, "variant name -> list of key=value overrides; each config runs every variant unless "
+                              "per_config says otherwise, and the name goes into the cell's name"),
+    "per_config": (dict, False, "config file name without .hocon -> {variants = [names it runs], set = [its own "
+                                "key=value overrides]}, both optional"),
 }
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Config keys a cell sets itself; an override of one would make the cell's name lie.
 RESERVED_KEYS = {"save_path": "use the plan's save_path or --save-path", "act_mode": "list it in act_modes",
                  "qw": "list the bit-width in bits", "qa": "list the bit-width in bits"}
@@ -79,6 +87,8 @@ class Plan:
     overrides: tuple[str, ...]
     save_path: str
     slurm: dict = dataclasses.field(default_factory=dict)  # checked: utils.slurm.slurm_settings
+    variants: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, overrides); none: cells keep their old names
+    per_config: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()  # (stem, variant names, overrides)
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,7 @@ class Cell:
     folder: str  # the run's save_path
     main_py: str
     overrides: tuple[str, ...]  # every --set of a fresh run
+    variant: str = ""
 
     @property
     def log_path(self) -> str:
@@ -174,7 +185,7 @@ def load_plan(path: str) -> Plan:
     if missing:
         raise UserError(f"plan {path} lacks {', '.join(missing)}: "
                         + "; ".join(f"{k}: {PLAN_KEYS[k][2]}" for k in missing))
-    checked = {k: _check_type(path, k, v, PLAN_KEYS[k][0]) for k, v in values.items()}
+    checked = {k: _check_type(path, k, v, PLAN_KEYS[k][0]) for k, v in values.items() if PLAN_KEYS[k][0] is not dict}
     configs = []
     for config in checked["configs"]:
         resolved = config if os.path.isabs(config) else os.path.join(ROOT, config)
@@ -186,10 +197,48 @@ def load_plan(path: str) -> Plan:
 
     slurm = dict(checked.get("slurm", {}))
     slurm_settings(slurm, f"plan {path}: slurm")
+    variants = _check_variants(path, values.get("variants", {}))
+    per_config = _check_per_config(path, values.get("per_config", {}), configs, dict(variants))
     return Plan(name=os.path.splitext(os.path.basename(path))[0], path=path,
                 description=checked.get("description", ""), configs=tuple(configs), bits=checked["bits"],
                 act_modes=checked["act_modes"], seeds=checked["seeds"], overrides=checked.get("set", ()),
-                save_path=checked.get("save_path", DEFAULT_SAVE_PATH), slurm=slurm)
+                save_path=checked.get("save_path", DEFAULT_SAVE_PATH), slurm=slurm, variants=variants,
+                per_config=per_config)
+
+
+def _string_list(path: str, where: str, value) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"plan {path}: {where} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _check_variants(path: str, value) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    if not isinstance(value, dict):
+        raise UserError(f"plan {path}: variants must be a map of name = [key=value, ...], got {value!r}")
+    for name in value:
+        if not VARIANT_NAME.match(name):
+            raise UserError(f"plan {path}: variant name {name!r} must be letters, digits, _ or -")
+    return tuple((name, _string_list(path, f"variants.{name}", overrides)) for name, overrides in value.items())
+
+
+def _check_per_config(path: str, value, configs, variants: dict):
+    if not isinstance(value, dict):
+        raise UserError(f"plan {path}: per_config must be a map of config name = {{variants = [...], set = [...]}}")
+    stems = [os.path.splitext(os.path.basename(config))[0] for config in configs]
+    groups = []
+    for stem, group in value.items():
+        if stem not in stems:
+            raise UserError(f"plan {path}: per_config.{stem} names no config of the plan ({', '.join(stems)})")
+        unknown = [key for key in (group if isinstance(group, dict) else {}) if key not in ("variants", "set")]
+        if not isinstance(group, dict) or unknown:
+            raise UserError(f"plan {path}: per_config.{stem} must be {{variants = [...], set = [...]}}")
+        names = _string_list(path, f"per_config.{stem}.variants", group.get("variants", []))
+        missing = [name for name in names if name not in variants]
+        if missing:
+            raise UserError(f"plan {path}: per_config.{stem}.variants names {', '.join(missing)}, not among the "
+                            f"variants ({', '.join(variants) or 'none'})")
+        groups.append((stem, names, _string_list(path, f"per_config.{stem}.set", group.get("set", []))))
+    return tuple(groups)
 
 
 def _check_overrides(overrides, where: str) -> None:
@@ -212,24 +261,33 @@ def expand_cells(plan: Plan, save_path: str, extra_overrides=(), gpu_index: bool
 
     _check_overrides(plan.overrides, f"plan {plan.path}: set")
     _check_overrides(extra_overrides, "--set")
+    for variant, overrides in plan.variants:
+        _check_overrides(overrides, f"plan {plan.path}: variants.{variant}")
+    groups = {stem: (names, overrides) for stem, names, overrides in plan.per_config}
+    for stem, (_, overrides) in groups.items():
+        _check_overrides(overrides, f"plan {plan.path}: per_config.{stem}.set")
     cells, names = [], {}
-    for config, bits, act_mode, seed in itertools.product(plan.configs, plan.bits, plan.act_modes, plan.seeds):
+    for config, (variant, variant_overrides), bits, act_mode, seed in itertools.product(
+            plan.configs, plan.variants or (("", ()),), plan.bits, plan.act_modes, plan.seeds):
         stem = os.path.splitext(os.path.basename(config))[0]
-        name = f"{stem}_W{bits}A{bits}_{act_mode}_id{seed}"
+        chosen, config_overrides = groups.get(stem, ((), ()))
+        if chosen and variant not in chosen:
+            continue
+        name = f"{stem}_W{bits}A{bits}_{act_mode}" + (f"_{variant}" if variant else "") + f"_id{seed}"
         if name in names:
             raise UserError(f"plan {plan.path}: configs {names[name]} and {config} have the same file name, so "
                             f"their cells would share folders; rename one")
         names[name] = config
         folder = os.path.join(save_path, plan.name, name)
-        overrides = (f"act_mode={act_mode}", *plan.overrides, *extra_overrides, f"save_path={folder}",
-                     *(["GPU=0"] if gpu_index else []))
+        overrides = (f"act_mode={act_mode}", *plan.overrides, *config_overrides, *variant_overrides,
+                     *extra_overrides, f"save_path={folder}", *(["GPU=0"] if gpu_index else []))
         try:
             options = load_options(config, overrides, qw=bits, qa=bits)
         except ConfigError as error:
             raise UserError(f"cell {name}: {error}") from None
         folder_name = "ImageNet" if options.dataset == "imagenet" else "CIFAR"
         cells.append(Cell(name, config, bits, act_mode, seed, folder, os.path.join(ROOT, folder_name, "main.py"),
-                          overrides))
+                          overrides, variant))
     return cells
 
 
@@ -492,11 +550,19 @@ def _gpu_list(text: str | None) -> list[str]:
 
 
 def _write_results(plan_dir: str, cells: list[Cell], metric: str) -> int:
-    done = [run_dir for state, run_dir in map(cell_state, cells) if state == "done"]
+    variants = {}  # run directory of each finished cell -> its variant
+    for cell in cells:
+        state, run_dir = cell_state(cell)
+        if state == "done":
+            variants[os.path.realpath(run_dir)] = cell.variant
+    done = list(variants)
     if not done:
         print(f"no cell has finished: no {RESULTS_FILE} written")
         return 0
-    text = results_markdown(load_summaries(done), metric)
+    summaries = load_summaries(done)
+    for summary in summaries:  # the plan's variant names head the tables of their runs
+        summary["variant"] = variants.get(os.path.dirname(summary["summary_path"]), "")
+    text = results_markdown(summaries, metric)
     path = os.path.join(plan_dir, RESULTS_FILE)
     with open(path, "w") as f:
         f.write(text)

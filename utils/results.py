@@ -140,6 +140,7 @@ class _Setting:
     epochs: int
     iters_per_epoch: int
     options: tuple = ()  # (key, value as text) of the options that tell this setting's runs from others
+    variant: str = ""  # the name of a reproduce plan's variant the runs belong to
 
 
 def _cell(summary: dict) -> tuple:
@@ -193,7 +194,8 @@ def _table(setting: _Setting, runs: list[dict], metric: str, published) -> list[
     for qw, qa in bit_pairs:
         header += [bits_label(qw, qa), f"paper {bits_label(qw, qa)}"]
     lines = [
-        f"### act_mode = {setting.act_mode}, weight_granularity = {setting.weight_granularity}, "
+        (f"### variant {setting.variant}: " if setting.variant else "### ")
+        + f"act_mode = {setting.act_mode}, weight_granularity = {setting.weight_granularity}, "
         f"{setting.epochs} epochs x {setting.iters_per_epoch} iterations"
         + "".join(f", {key} = {value}" for key, value in setting.options),
         "",
@@ -235,7 +237,7 @@ def results_markdown(summaries: list[dict], metric: str = "student_top1") -> str
     for s in usable:
         options = tuple((key, _option_text(s.get("options", {}), key)) for key in differing)
         settings[_Setting(s["act_mode"], s["weight_granularity"], s.get("epochs", -1),
-                          s.get("iters_per_epoch", -1), options)].append(s)
+                          s.get("iters_per_epoch", -1), options, s.get("variant", ""))].append(s)
     published = published_index()
     what = {"student_top1": "top-1 (%) of the student after the last epoch",
             "best_top1": "best top-1 (%) over the evaluated epochs (chosen on the test set, so optimistic)"}[metric]

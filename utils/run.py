@@ -36,6 +36,7 @@ from .data import build_test_loader, close_workers
 from .devices import configure_backends
 from .errors import UserError
 from .evaluate import evaluate_saved
+from .losses import build_student_losses
 from .models import build_teacher, check_teacher, example_image
 from .plots import plot_run
 from .run_files import RunFileError, atomic_save_json, find_checkpoint, load_run_file
@@ -199,6 +200,7 @@ def setup(args) -> Run:
     # Everything that can fail on bad input happens before the run directory exists.
     teacher, teacher_source = build_teacher(options.network, options.teacher_weights)
     check_teacher(teacher, options.network, options.nClasses, options.img_size, options.channels)
+    build_student_losses(options, teacher)  # a term that reads layers the teacher lacks fails here
     test_loader = build_test_loader(options, device)
 
     run_dir = args.resume

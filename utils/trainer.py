@@ -21,7 +21,16 @@ from . import distributed
 from .errors import UserError
 from .evaluate import evaluate
 from .generator import build_generator
-from .losses import BNStatistics, check_finite, kd_loss, marginal_loss, onehot_loss
+from .losses import (
+    BNStatistics,
+    FeatureCapture,
+    StudentBatch,
+    build_student_losses,
+    check_finite,
+    make_input_filter,
+    marginal_loss,
+    onehot_loss,
+)
 from .metrics_writer import MetricsWriter
 from .optim import build_optimizers, learning_rate
 from .progress import Progress, log_epoch
@@ -32,7 +41,9 @@ __all__ = ["LOSS_NAMES", "Trainer", "noise_generator"]
 
 logger = logging.getLogger("granq")
 
-# Per-iteration values recorded on the device; read back once per log interval.
+# Per-iteration values recorded on the device, read back once per log interval: these, then each term of
+# student_losses under its name (Trainer.loss_names), then, with an input filter, the share of the images'
+# energy it keeps (e.g. lowpass_kept).
 LOSS_NAMES = ("loss_G", "marginal", "onehot", "bns", "loss_S", "teacher_acc")
 NOISE_STREAM = 0x6E6F6973  # mixed into the noise generator's seed
 # Trainer attributes saved in checkpoint.pt as they are.
@@ -77,6 +88,14 @@ class Trainer:
         # The training noise (latents and labels) has a stream of its own, so that nothing else a run does
         # (evaluating, its loader's workers, resuming) can move it.
         self.noise = noise_generator(meta.get("seed", 0), distributed.rank(), device)  # benchmarks pass no seed
+        # The student's loss: the registered terms of student_losses; hooks only for the layers they read.
+        self.student_losses = build_student_losses(options, self.teacher)
+        self.features = FeatureCapture({"teacher": self.teacher, "student": self.student},
+                                       [layer for _, term in self.student_losses for layer in term.layer_names])
+        self.input_filter = make_input_filter(options.student_input_filter)
+        self.records_filter = options.student_input_filter != "none"
+        self.loss_names = (LOSS_NAMES + tuple(name for name, _ in self.student_losses)
+                           + ((f"{options.student_input_filter}_kept",) if self.records_filter else ()))
         self.epoch = self.iteration = 0  # the next epoch to run, and the next iteration within it
         self.history = None  # per-iteration losses of the current epoch, on the device
         self.best_top1 = self.best_top5 = self.last_top1 = self.last_top5 = None
@@ -113,7 +132,13 @@ class Trainer:
         self.opt_G.load_state_dict(state["opt_G"])
         for key in _RUN_STATE:
             setattr(self, key, state[key])
-        self.history = None if state["history"] is None else state["history"].to(self.device)
+        history = state["history"]
+        if history is not None and history.shape[1] != len(self.loss_names):
+            raise UserError(f"the checkpoint was written in the middle of an epoch with {history.shape[1]} recorded "
+                            f"values per iteration, and this run records {len(self.loss_names)} "
+                            f"({', '.join(self.loss_names)}): resume it with the code and student_losses that "
+                            f"wrote it")
+        self.history = None if history is None else history.to(self.device)
         restore_rng(rng[distributed.rank()], self.device, self.noise)
 
     def save_checkpoint(self) -> str:
@@ -134,26 +159,35 @@ class Trainer:
     def step(self, train_student: bool = True) -> torch.Tensor:
         """One iteration: update the generator, and the student unless ``train_student`` is False (warm-up).
 
-        Returns the values named by ``LOSS_NAMES``, on the device (reading them would wait for it).
+        Returns the values named by ``self.loss_names``, on the device (reading them would wait for it).
         """
         o = self.options
         z, labels = self.sample_noise()
         images = self.generator_forward(z, labels)
-        with self.bn_stats.capture():
+        # What the student distils on: ``images`` itself unless an input filter changes them.
+        student_images = self.input_filter(images, o)
+        unfiltered = student_images is images
+        with self.bn_stats.capture(), self.features.capture(enabled=unfiltered):
             teacher_logits = self.teacher(images)
-        # During warm-up the student gets no backward pass: keep DDP from waiting for one.
-        with contextlib.nullcontext() if train_student or not distributed.is_distributed() \
-                else self.student_forward.no_sync():
-            student_logits = self.student_forward(images)
+            student_logits = self._student(images, sync=train_student and unfiltered)
 
         bns = self.bn_stats.loss()
         onehot = onehot_loss(teacher_logits, student_logits, labels, o.alpha_ds, o.alpha_as)
         marginal = marginal_loss(teacher_logits, student_logits, o.nClasses, o.lambda_l, o.lambda_u)
         loss_G = marginal + o.beta * onehot + o.gamma * bns
+        teacher_acc = (teacher_logits.argmax(dim=1) == labels).float().mean()
         # The official code runs the student a second time on the detached images for its own loss.
         # The student is in eval mode, so that forward gives these same logits: reuse them and let
-        # each loss send gradients only to its own network.
-        loss_S = kd_loss(teacher_logits.detach(), student_logits, o.temperature)
+        # each loss send gradients only to its own network. Filtered images need a pass of their own.
+        if not unfiltered:
+            with self.features.capture():
+                teacher_logits = self.teacher(student_images)
+                student_logits = self._student(student_images, sync=train_student)
+        features = self.features.take()
+        batch = StudentBatch(teacher_logits, student_logits, labels, features["teacher"], features["student"],
+                             self.student_progress())
+        terms = [term(batch) for _, term in self.student_losses]
+        loss_S = torch.stack(terms).sum()
 
         self.opt_G.zero_grad(set_to_none=True)
         loss_G.backward(inputs=self.generator_params, retain_graph=train_student)
@@ -162,8 +196,22 @@ class Trainer:
             loss_S.backward(inputs=self.student_params)
             self.opt_S.step()
         self.opt_G.step()
-        teacher_acc = (teacher_logits.argmax(dim=1) == labels).float().mean()
-        return torch.stack([loss_G, marginal, onehot, bns, loss_S, teacher_acc]).detach()
+        kept = [student_images.square().sum() / images.square().sum()] if self.records_filter else []
+        return torch.stack([loss_G, marginal, onehot, bns, loss_S, teacher_acc, *terms, *kept]).detach()
+
+    def _student(self, images: torch.Tensor, sync: bool) -> torch.Tensor:
+        """The student's logits. Under torchrun only a forward whose loss trains the student may let DDP wait
+        for a backward pass: the others (warm-up, the generator's pass beside a filtered one) run in no_sync."""
+        with contextlib.nullcontext() if sync or not distributed.is_distributed() else self.student_forward.no_sync():
+            return self.student_forward(images)
+
+    def student_progress(self) -> float:
+        """Share of the student's training done at the current iteration: 0 at its first (the first after
+        warm-up), (n - 1) / n at its last of n; 0 during warm-up."""
+        o = self.options
+        total = (o.nEpochs - o.warmup_epochs) * o.iters_per_epoch
+        done = (self.epoch - o.warmup_epochs) * o.iters_per_epoch + self.iteration
+        return min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
 
     def set_learning_rates(self, epoch: int, iteration: int = 0) -> tuple[float, float]:
         """Set both optimizers' learning rates for ``iteration`` of ``epoch`` (0-based); return (lr_S, lr_G).
@@ -185,7 +233,7 @@ class Trainer:
         set_act_tracking(self.student, epoch < o.act_range_epochs)
         self.generator.train()
         if self.iteration == 0 or self.history is None:
-            self.history = torch.zeros(o.iters_per_epoch, len(LOSS_NAMES), device=self.device)
+            self.history = torch.zeros(o.iters_per_epoch, len(self.loss_names), device=self.device)
         progress = Progress(epoch, o.nEpochs, o.iters_per_epoch, self.iteration, enabled=self.is_main)
         checked, started = self.iteration, time.time()
         single = not distributed.is_distributed()
@@ -198,14 +246,14 @@ class Trainer:
             at_interval = self.iteration % o.log_interval == 0 or self.iteration == o.iters_per_epoch
             if at_interval or (single and self.stop.signum is not None):
                 rows = self.history[checked:self.iteration].cpu()
-                check_finite(rows, LOSS_NAMES, checked, epoch, self.device, self.run_dir)
+                check_finite(rows, self.loss_names, checked, epoch, self.device, self.run_dir)
                 checked = self.iteration
-                progress.update(self.iteration, dict(zip(LOSS_NAMES, rows.mean(0).tolist())))
+                progress.update(self.iteration, dict(zip(self.loss_names, rows.mean(0).tolist())))
                 if self.stop.agreed(self.device) and self.iteration < o.iters_per_epoch:
                     progress.close()
                     self._interrupt(epoch)
         progress.close()
-        means = dict(zip(LOSS_NAMES, self.history.mean(0).tolist()))
+        means = dict(zip(self.loss_names, self.history.mean(0).tolist()))
         self.iteration, self.history = 0, None
         return {"lr_S": lr_S, "lr_G": lr_G, **means, "train_seconds": time.time() - started}
 
@@ -292,7 +340,7 @@ class Trainer:
         self.metrics.append(record)
         if self.is_main:
             self.metrics_writer.write(record)
-            log_epoch(record, o.nEpochs)
+            log_epoch(record, o.nEpochs, self.loss_names[len(LOSS_NAMES):])
         self.epoch = epoch + 1
         self._add_elapsed()
         self.save_checkpoint()

@@ -7,11 +7,16 @@ import pytest
 
 from ..conftest import ROOT, tiny_run_args
 
+# every student term and the low-pass filter: a second forward pass of each network and Grad-CAM's gradients
+ALL_PARTS = ("--set", "student_losses=[kd, attention, cam, reliable_ce, pseudo_label]", "--set",
+             "student_input_filter=lowpass")
 
-def test_torchrun_two_processes_on_cpu(tmp_path, cifar_folder):
+
+@pytest.mark.parametrize("extra", [(), ALL_PARTS], ids=["default", "all_student_terms"])
+def test_torchrun_two_processes_on_cpu(tmp_path, cifar_folder, extra):
     save_path = tmp_path / "runs"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(ROOT, "CIFAR", "main.py"), *tiny_run_args(save_path, cifar_folder)]
+               os.path.join(ROOT, "CIFAR", "main.py"), *tiny_run_args(save_path, cifar_folder, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -142,7 +142,8 @@ def test_missing_key_and_unknown_plan_name(tmp_path, capsys):
     assert main(["--plan", str(path)]) == 2
     assert "lacks act_modes, seeds: act_modes: activation quantizers" in capsys.readouterr().err
     assert main(["--plan", "cifar10"]) == 2
-    assert "no plan of that name in tools/plans (plans there: ablation, cifar, imagenet)" in capsys.readouterr().err
+    assert ("no plan of that name in tools/plans (plans there: ablation, addons_cifar100, addons_cpu, cifar, "
+            "imagenet)") in capsys.readouterr().err
 
 
 def test_failing_cells_are_reported_and_the_others_go_on(tmp_path, capsys):
@@ -340,3 +341,70 @@ def test_a_killed_launcher_stops_its_run_at_a_checkpoint(tmp_path, cifar_folder)
     assert "SIGTERM received" in log and "checkpoint written" in log
     [run_dir] = run_dirs(cell)
     assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "summary.json").exists()
+
+
+ADDON_VARIANTS = ("baseline", "attention", "cam", "reliable_ce", "pseudo_label", "lowpass", "all")
+
+
+def test_addons_cpu_plan_lists_every_variant_of_each_teacher(tmp_path, capsys):
+    assert main(["--plan", "addons_cpu", "--save-path", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    option_a = {f"cifar10_resnet20a_W3A3_granq_{v}_id{seed}" for v in ADDON_VARIANTS for seed in (1, 2, 3)}
+    pytorchcv = {f"cifar10_resnet20_W3A3_granq_{v}_id{seed}" for v in ("baseline", "plus") for seed in (1, 2, 3)}
+    assert set(cell_lines(out, "run")) == option_a | pytorchcv and "27 cells in" in out
+    commands = {line.split()[1].rstrip(":"): line for line in out.splitlines() if line.startswith("run ")}
+    cam = commands["cifar10_resnet20a_W3A3_granq_cam_id2"]
+    assert "--set 'student_losses=[kd, cam]'" in cam
+    assert "akamaster_resnet20-12fca82f.th" in cam and "--set nEpochs=6 --set iters_per_epoch=200" in cam
+    plus = commands["cifar10_resnet20_W3A3_granq_plus_id1"]
+    assert "--set recipe=plus" in plus and "resnet20_cifar10_pytorchcv_jpeg.pth" in plus
+    assert "student_losses" not in commands["cifar10_resnet20_W3A3_granq_baseline_id1"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_addons_cifar100_plan_runs_every_variant_at_the_official_settings(tmp_path, capsys):
+    plan = load_plan(resolve_plan("addons_cifar100"))
+    assert [name for name, _ in plan.variants] == [*ADDON_VARIANTS, "plus"] and plan.overrides == ()
+    assert main(["--plan", "addons_cifar100", "--save-path", str(tmp_path), "--dry-run"]) == 0
+    assert len(cell_lines(capsys.readouterr().out, "run")) == 8 * 3
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"variants": ["a"]}, r"variants must be a map of name = \[key=value, ...\]"),
+    ({"variants": {"a b": []}}, r"variant name 'a b' must be letters, digits, _ or -"),
+    ({"variants": {"a": "temperature=5"}}, r"variants.a must be a list of strings"),
+    ({"variants": {"a": ["qw=4"]}}, r"variants.a: qw is set by each cell; list the bit-width in bits"),
+    ({"variants": {"a": ["temprature=5"]}}, r"variants.a: unknown config key\(s\): temprature"),
+    ({"variants": {"a": []}, "per_config": {"cifar100_resnet20": {}}}, r"per_config.cifar100_resnet20 names no "
+                                                                        r"config of the plan \(cifar10_resnet20\)"),
+    ({"variants": {"a": []}, "per_config": {"cifar10_resnet20": {"variants": ["b"]}}},
+     r"per_config.cifar10_resnet20.variants names b, not among the variants \(a\)"),
+    ({"per_config": {"cifar10_resnet20": {"sets": []}}}, r"per_config.cifar10_resnet20 must be \{variants"),
+    ({"variants": {"a": ["student_losses=[kd, focal]"]}}, r"cell cifar10_resnet20_W4A4_granq_a_id1: student_losses"),
+])
+def test_bad_variants_are_refused_with_a_clear_error(tmp_path, capsys, keys, message):
+    assert main(["--plan", write_plan(tmp_path, **keys), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert re.search(message, err), err
+
+
+def test_variant_names_head_their_tables(tmp_path, capsys):
+    plan = write_plan(tmp_path, variants={"plain": [], "warm": ["temperature=5"]},
+                      per_config={"cifar10_resnet20": {"set": ["lr_S=0.001"]}})
+    cells = tmp_path / "runs" / "tiny"
+    for variant, top1, temperature in (("plain", 40.0, 20), ("warm", 50.0, 5)):
+        run_dir = cells / f"cifar10_resnet20_W4A4_granq_{variant}_id1" / "run"
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps(
+            {"dataset": "cifar10", "network": "resnet20_cifar10", "qw": 4, "qa": 4, "act_mode": "granq",
+             "weight_granularity": "kernel", "student_top1": top1}))
+        (run_dir / "config.hocon").write_text(f"temperature = {temperature}\n")
+    assert main(["--plan", plan, "--dry-run"]) == 0
+    assert cell_lines(capsys.readouterr().out, "skip") == ["cifar10_resnet20_W4A4_granq_plain_id1",
+                                                           "cifar10_resnet20_W4A4_granq_warm_id1"]
+    assert main(["--plan", plan]) == 0
+    results = (cells / "results.md").read_text()
+    for variant, top1 in (("plain", "40.00"), ("warm", "50.00")):
+        table = results.split(f"### variant {variant}: act_mode = granq")[1].split("###")[0]
+        assert f"| {top1} (n=1) |" in table

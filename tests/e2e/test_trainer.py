@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-import utils.trainer as trainer_module
+import utils.losses.kd as kd_module
 from quantization_utils import QuantAct
 from utils.config import load_options
 from utils.data import build_test_loader
@@ -123,8 +123,8 @@ def test_warmup_trains_only_the_generator(small_trainer):
 
 def test_student_loss_uses_the_configured_temperature(small_trainer, monkeypatch):
     seen = []
-    real = trainer_module.kd_loss
-    monkeypatch.setattr(trainer_module, "kd_loss", lambda t, s, temperature: seen.append(temperature) or real(
+    real = kd_module.kd_loss
+    monkeypatch.setattr(kd_module, "kd_loss", lambda t, s, temperature: seen.append(temperature) or real(
         t, s, temperature))
     trainer, _ = small_trainer("temperature=7.5", "warmup_epochs=0")
     trainer.train_epoch(0)
@@ -170,8 +170,10 @@ def test_resnet20a_full_precision_and_w8a8_on_shared_data(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: device syncs exist only there")
-def test_training_step_never_synchronizes_the_device(tmp_path):
-    options = load_options(CIFAR10_CONF, ["batchSize=8", "warmup_epochs=0"])
+@pytest.mark.parametrize("student_loss", [[], ["student_losses=[kd, attention, cam, reliable_ce, pseudo_label]",
+                                               "student_input_filter=lowpass"]])
+def test_training_step_never_synchronizes_the_device(tmp_path, student_loss):
+    options = load_options(CIFAR10_CONF, ["batchSize=8", "warmup_epochs=0", *student_loss])
     teacher, _ = build_teacher(options.network, "random")
     trainer = Trainer(options, teacher, None, torch.device("cuda"), str(tmp_path), {"id": 0, "seed": 1})
     for _ in range(2):  # compilation and its one-time check against eager happen here

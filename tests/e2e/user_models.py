@@ -57,3 +57,9 @@ class _ReusedRelu(nn.Module):
 def reused_relu_net() -> nn.Module:
     return _ReusedRelu()
 
+
+
+def tiny_mlp(num_classes: int = 10) -> nn.Module:
+    """No convolution: flatten, linear, BatchNorm1d, ReLU, linear."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Linear(16, num_classes))

@@ -86,6 +86,17 @@ def test_unknown_key_names_it_and_the_valid_keys(tmp_path):
     ("norm_std=[1, 1]", r"norm_std = \[1.0, 1.0\] needs 3 values"),
     ("lrPolicy_S=linear", "lrPolicy_S = 'linear' is not valid; choose one of: multi_step, const, cosine"),
     ("nosuchkey", "--set expects key=value"),
+    ("student_losses=[kd, focal]", r"student_losses = \['kd', 'focal'\]: 'focal' is not a registered term; choose "
+                                   "from: "),
+    ("student_losses=[]", r"student_losses = \[\] names no term; choose from: "),
+    ("student_losses=[kd, cam, kd]", "lists a term twice"),
+    ("student_input_filter=gauss", "student_input_filter = 'gauss' is not valid; choose one of: none, lowpass$"),
+    ("lowpass_d0=0", "lowpass_d0 = 0.0 must be positive"),
+    ("attention_temperature=-1", "attention_temperature = -1.0 must be positive"),
+    ("cam_weight=-1", "cam_weight = -1.0 must be at least 0"),
+    ("reliable_ce_tau=1.5", r"reliable_ce_tau = 1.5 must be in \(0, 1\]"),
+    ("pseudo_label_lower=0.6", "pseudo_label_lower = 0.6 and pseudo_label_upper = 0.5 must satisfy"),
+    ("recipe=nosuch", "recipe = 'nosuch': no such recipe; choose from: plus"),
 ])
 def test_bad_values_get_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -164,3 +175,40 @@ def test_act_types_default_and_round_trip(tmp_path):
     path = tmp_path / "config.hocon"
     path.write_text(options.to_hocon())
     assert load_options(str(path)) == options
+
+
+def test_unknown_student_loss_lists_every_registered_term():
+    from utils.losses import student_loss_names
+
+    with pytest.raises(ConfigError) as error:
+        load_options(CIFAR10_CONF, ["student_losses=[kd, focal]"])
+    assert str(error.value).endswith(f"choose from: {', '.join(student_loss_names())}")
+    assert set(student_loss_names()) >= {"kd", "attention", "cam", "reliable_ce", "pseudo_label"}
+
+
+def test_student_loss_defaults_and_the_papers_dataset_values():
+    default = load_options(CIFAR10_CONF)
+    assert (default.student_losses, default.student_input_filter) == (["kd"], "none")
+    assert (default.attention_weight, default.attention_temperature, default.cam_weight, default.lowpass_d0) == \
+        (1000.0, 8.0, 200.0, 80.0)
+    cifar100 = load_options(f"{ROOT}/CIFAR/cifar100_resnet20.hocon")
+    imagenet = load_options(f"{ROOT}/ImageNet/imagenet_res18.hocon")
+    assert (default.reliable_ce_tau, cifar100.reliable_ce_tau, imagenet.reliable_ce_tau) == (0.7, 0.5, 0.5)
+    assert (cifar100.pseudo_label_upper, cifar100.pseudo_label_lower, cifar100.pseudo_label_beta) == (0.5, 0.2, 0.3)
+    assert (imagenet.pseudo_label_upper, imagenet.pseudo_label_lower, imagenet.pseudo_label_beta) == (0.4, 0.1, 0.5)
+    assert (cifar100.cam_weight, imagenet.cam_weight) == (200.0, 50.0)
+
+
+def test_a_recipe_sets_what_the_config_leaves_open_and_set_still_wins(tmp_path):
+    plus = load_options(CIFAR10A_CONF, ["recipe=plus"])
+    assert plus.student_losses == ["kd", "attention", "cam", "reliable_ce", "pseudo_label"]
+    assert plus.student_input_filter == "lowpass" and plus.recipe == "plus"
+    assert plus.reliable_ce_tau == 0.7  # the CIFAR-10 config's own value
+    mine = load_options(CIFAR10A_CONF, ["recipe=plus", "student_input_filter=none"])
+    assert mine.student_input_filter == "none" and mine.student_losses == plus.student_losses
+    path = tmp_path / "config.hocon"
+    path.write_text(mine.to_hocon())
+    assert load_options(str(path)) == mine
+    included = tmp_path / "included.hocon"
+    included.write_text(f'include "{CIFAR10A_CONF}"\ninclude "{ROOT}/recipes/plus.hocon"\n')
+    assert load_options(str(included)).student_losses == plus.student_losses

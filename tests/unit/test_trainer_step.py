@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+import utils.losses.synq as synq
 from utils.config import load_options
+from utils.losses import NonFiniteLossError, kd_loss
+from utils.losses.synq import lowpass
 from utils.models import build_teacher
 from utils.trainer import LOSS_NAMES, Trainer
 
@@ -56,7 +59,7 @@ def test_recorded_losses_follow_the_official_definitions(tmp_path):
     trainer = make_trainer(tmp_path, *sets)
     o = trainer.options
     seen = StepRecorder(trainer)
-    values = dict(zip(LOSS_NAMES, trainer.step(train_student=True).tolist()))
+    values = dict(zip(trainer.loss_names, trainer.step(train_student=True).tolist()))
     t, s, y = seen.teacher.double(), seen.student.double(), seen.labels
 
     h = hand_entropy(t - s)
@@ -75,6 +78,7 @@ def test_recorded_losses_follow_the_official_definitions(tmp_path):
     assert values["bns"] == pytest.approx(bns.item(), rel=1e-4)
     assert values["loss_G"] == pytest.approx((marginal + o.beta * onehot + o.gamma * bns).item(), rel=1e-4)
     assert values["loss_S"] == pytest.approx(loss_S.item(), rel=1e-5)
+    assert values["kd"] == values["loss_S"]
     assert values["teacher_acc"] == (t.argmax(1) == y).double().mean().item()
     # The hand-computed marginal term is not degenerate: swapping the bounds would change it.
     swapped = torch.clamp(o.lambda_u - h_norm, min=0).mean() + torch.clamp(h_norm - o.lambda_l, min=0).mean()
@@ -110,11 +114,86 @@ def test_cosine_schedules_decay_per_iteration_over_each_networks_training(tmp_pa
     trainer = make_trainer(tmp_path, "lrPolicy_S=cosine", "lrPolicy_G=cosine", "warmup_epochs=1", "nEpochs=3",
                            "iters_per_epoch=2", "lr_S=0.4", "lr_G=0.8")
     seen = []
-    trainer.step = lambda train_student=True: seen.append(
-        (trainer.opt_S.param_groups[0]["lr"], trainer.opt_G.param_groups[0]["lr"])) or torch.zeros(len(LOSS_NAMES))
+    rates = lambda: (trainer.opt_S.param_groups[0]["lr"], trainer.opt_G.param_groups[0]["lr"])  # noqa: E731
+    trainer.step = lambda train_student=True: seen.append(rates()) or torch.zeros(len(trainer.loss_names))
     for epoch in range(3):
         trainer.train_epoch(epoch)
     # The student trains 4 iterations (epochs 2-3), the generator 6: base * (1 + cos(pi * done / total)) / 2.
     student = [0.4] * 2 + [0.4 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]
     generator = [0.8 * (1 + math.cos(math.pi * k / 6)) / 2 for k in range(6)]
     assert seen == pytest.approx(list(zip(student, generator)))
+
+
+ALL_TERMS = "student_losses=[kd, attention, cam, reliable_ce, pseudo_label]"
+
+
+def test_student_terms_sum_into_loss_s_and_are_recorded_by_name(tmp_path):
+    trainer = make_trainer(tmp_path, ALL_TERMS, "student_input_filter=lowpass")
+    terms = ("kd", "attention", "cam", "reliable_ce", "pseudo_label")
+    assert trainer.loss_names == LOSS_NAMES + terms + ("lowpass_kept",)
+    values = dict(zip(trainer.loss_names, trainer.step(train_student=True).tolist()))
+    assert values["loss_S"] == pytest.approx(sum(values[name] for name in terms), rel=1e-5)
+    assert all(values[name] != 0 for name in terms)
+    assert 0 < values["lowpass_kept"] < 1
+
+
+class Calls:
+    """Inputs and outputs of every forward pass of a model."""
+
+    def __init__(self, model):
+        self.inputs, self.outputs = [], []
+        model.register_forward_hook(self.record)
+
+    def record(self, module, inputs, output):
+        self.inputs.append(inputs[0].detach())
+        self.outputs.append(output.detach())
+
+
+def test_filtered_images_feed_the_teacher_and_the_student_for_the_students_loss(tmp_path):
+    trainer = make_trainer(tmp_path, "student_input_filter=lowpass", "temperature=4")
+    teacher, student = Calls(trainer.teacher), Calls(trainer.student)
+    values = dict(zip(trainer.loss_names, trainer.step(train_student=True).tolist()))
+    # first the generated images (the generator's losses), then the filtered ones (the student's)
+    assert len(teacher.inputs) == len(student.inputs) == 2
+    filtered = lowpass(teacher.inputs[0], trainer.options)
+    assert not torch.allclose(filtered, teacher.inputs[0], atol=1e-3)
+    for calls in (teacher, student):
+        assert torch.equal(calls.inputs[0], teacher.inputs[0])
+        assert torch.allclose(calls.inputs[1], filtered, atol=1e-6)
+    assert values["kd"] == pytest.approx(kd_loss(teacher.outputs[1], student.outputs[1], 4).item(), rel=1e-5)
+    assert values["kd"] != pytest.approx(kd_loss(teacher.outputs[0], student.outputs[0], 4).item(), rel=1e-3)
+    assert values["lowpass_kept"] == pytest.approx(
+        (filtered.square().sum() / teacher.inputs[0].square().sum()).item(), rel=1e-4)
+
+
+def hooked(model):
+    return {name for name, module in model.named_modules() if module._forward_hooks}
+
+
+def test_layers_are_hooked_by_name_on_both_networks_only_when_a_term_reads_them(tmp_path):
+    plain = make_trainer(tmp_path / "a")
+    assert hooked(plain.student) == set() and not plain.features.layers
+    attention = make_trainer(tmp_path / "b", "student_losses=[kd, attention, cam]")
+    blocks = {f"features.stage{s}.unit{u}" for s in (1, 2, 3) for u in (1, 2, 3)}
+    expected = blocks | {"features.stage3.unit3.body.conv2.conv"}
+    assert hooked(attention.student) == expected
+    assert expected <= hooked(attention.teacher)
+    attention.features.remove()
+    assert hooked(attention.student) == set()
+
+
+def test_a_non_finite_cam_stops_the_run_naming_cam(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, "student_losses=[kd, cam]", "log_interval=1")
+    real = synq.grad_cam
+    monkeypatch.setattr(synq, "grad_cam", lambda features, logits, size: real(features, logits, size) * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="loss cam became nan at epoch 1, iteration 1"):
+        trainer.train_epoch(0)
+
+
+def test_student_progress_runs_over_the_epochs_after_warm_up(tmp_path):
+    trainer = make_trainer(tmp_path, "warmup_epochs=1", "nEpochs=3", "iters_per_epoch=2")
+    seen = []
+    for trainer.epoch in range(3):
+        for trainer.iteration in range(2):
+            seen.append(trainer.student_progress())
+    assert seen == [0, 0, 0, 0.25, 0.5, 0.75]

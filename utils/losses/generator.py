@@ -1,17 +1,14 @@
-"""Losses of the generator (AdaSG/AdaDFQ-style) and of the student (GranQ's distillation)."""
+"""Losses of the generator (AdaSG/AdaDFQ-style): one-hot, marginal and BN-statistics, and the entropy they share
+with the distillation term."""
 
 import math
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed
-from .errors import UserError
-
-__all__ = ["BNStatistics", "NonFiniteLossError", "check_finite", "entropy", "kd_loss", "marginal_loss", "onehot_loss"]
+__all__ = ["BNStatistics", "entropy", "marginal_loss", "onehot_loss"]
 
 
 def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -38,11 +35,6 @@ def marginal_loss(teacher: torch.Tensor, student: torch.Tensor, num_classes: int
     h_min = h.min()
     h_norm = (h - h_min) / (math.log(num_classes) - h_min)
     return F.relu(lambda_l - h_norm).mean() + F.relu(h_norm - lambda_u).mean()
-
-
-def kd_loss(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
-    """-temperature**2 * mean(entropy(softmax((T - S) / temperature)))."""
-    return -temperature**2 * entropy(teacher - student, temperature).mean()
 
 
 class BNStatistics:
@@ -94,24 +86,3 @@ class BNStatistics:
         for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
-
-
-class NonFiniteLossError(UserError):
-    """A loss became NaN or infinite."""
-
-
-def check_finite(rows: torch.Tensor, names, first_iteration: int, epoch: int, device, run_dir: str) -> None:
-    """Raise on the first non-finite value in ``rows`` (iterations x ``names``), on every rank if any has one."""
-    bad = (~torch.isfinite(rows)).nonzero().tolist()
-    anywhere = distributed.all_reduce(torch.tensor([len(bad)], device=device), dist.ReduceOp.MAX)
-    if not anywhere.item():
-        return
-    if not bad:
-        raise NonFiniteLossError(f"another process stopped on a non-finite loss at epoch {epoch + 1}")
-    row = bad[0][0]
-    # Name the term that went first: the total loss_G is non-finite whenever a term is.
-    column = min((c for r, c in bad if r == row), key=lambda c: names[c] == "loss_G")
-    raise NonFiniteLossError(
-        f"loss {names[column]} became {rows[row, column].item()} at epoch {epoch + 1}, iteration "
-        f"{first_iteration + row + 1}; stopped. The last good checkpoint in {run_dir} is kept; "
-        f"lower lr_S / lr_G or check the teacher weights")
