@@ -1,26 +1,21 @@
 """Test sets for evaluation. Training never reads real data: the student only sees generated images."""
 
-import atexit
 import dataclasses
 import logging
 import math
-import multiprocessing.util  # noqa: F401 (imported first, so that its exit handler runs after close_workers)
 import os
-import weakref
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from . import distributed
-from .distributed import evaluation_workers
 from .errors import UserError
 from .eval_cache import CachedLoader, cached_test_loader
 from .models import IMAGENET_CROP_RATIO, EvalTransform, get_model_spec
-from .stopping import ignore_stop_signals
+from .workers import WorkerLoader, evaluation_workers
 
-__all__ = ["NORMALIZATION", "build_test_loader", "close_workers", "eval_transform", "evaluation_workers",
-           "find_image_folder", "ignore_stop_signals", "normalization"]
+__all__ = ["NORMALIZATION", "build_test_loader", "eval_transform", "find_image_folder", "normalization"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,31 +141,9 @@ def build_test_loader(options, device: torch.device | None = None) -> DataLoader
     on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     # A run evaluates after every epoch: starting the workers (and their imports) again each time would
     # cost seconds per evaluation on ImageNet.
-    with_workers = {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES,
-                    "worker_init_fn": ignore_stop_signals} if workers else {}
-    # A generator of its own: the loader draws its workers' base seed from it, never from the global stream.
-    loader = DataLoader(dataset, batch_size=options.test_batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=on_cuda, generator=torch.Generator().manual_seed(0), **with_workers)
-    if workers:
-        _LOADERS_WITH_WORKERS.add(loader)
-    return loader
-
-
-def close_workers(loader) -> None:
-    """End the persistent workers of ``loader`` (from :func:`build_test_loader`) now; a later pass starts new ones.
-
-    The workers ignore SIGTERM (:func:`ignore_stop_signals`), so they are told to stop instead: here, and
-    for every loader still open when the interpreter exits.
-    """
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-    loader._iterator = None
-
-
-# At exit, multiprocessing would send the workers SIGTERM and wait for them forever. atexit runs its handlers
-# in reverse order, so this one, registered after multiprocessing's, runs first.
-_LOADERS_WITH_WORKERS = weakref.WeakSet()
-atexit.register(lambda: [close_workers(loader) for loader in list(_LOADERS_WITH_WORKERS)])
+    with_workers = {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES} if workers else {}
+    # Its workers ignore stop signals and draw their seeds from the loader's own generator (utils/workers.py).
+    return WorkerLoader(dataset, batch_size=options.test_batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=on_cuda, **with_workers)
 
 

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .devices import cuda_device
 
-__all__ = ["all_gather_objects", "all_reduce", "barrier", "broadcast_object", "evaluation_workers", "init_from_env",
+__all__ = ["all_gather_objects", "all_reduce", "barrier", "broadcast_object", "init_from_env",
            "is_distributed", "rank", "rank_zero_first", "replica_checksums", "shutdown", "world_size", "wrap"]
 
 
@@ -112,12 +112,3 @@ def rank_zero_first():
         # Also when rank 0 fails, so that the other ranks go on (and meet the same error) instead of hanging.
         if rank() == 0:
             barrier()
-
-
-def evaluation_workers(threads: int) -> int:
-    """Loader workers of this process for ``nThreads = threads``: at most one per CPU, and under torchrun
-    the machine's share of one rank (``threads // LOCAL_WORLD_SIZE``, at least 1 where ``threads`` > 0)."""
-    if threads == 0:
-        return 0
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if is_distributed() else 1
-    return max(1, min(threads, os.cpu_count() or 1) // local_ranks)

@@ -33,11 +33,10 @@ import time
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from torchvision import transforms
 
-from .distributed import evaluation_workers
-from .stopping import ignore_stop_signals
+from .workers import WorkerLoader, evaluation_workers
 
 __all__ = ["CACHE_ENV", "EVAL_CACHE_MODES", "GPU_MEMORY_SHARE", "CachedLoader", "cache_directory",
            "cached_test_loader"]
@@ -196,8 +195,7 @@ def _build(path: str, described: dict, dataset, pil_steps: list, options) -> Non
     # Decoding is the slow part: as many workers as evaluation has. Their seeds come from a generator of their
     # own, not from the run's random stream, and they leave stop signals to this process.
     workers = evaluation_workers(options.nThreads)
-    loader = DataLoader(decoding, batch_size=options.test_batch_size, num_workers=workers,
-                        generator=torch.Generator(), worker_init_fn=ignore_stop_signals if workers else None)
+    loader = WorkerLoader(decoding, batch_size=options.test_batch_size, num_workers=workers)
     directory = os.path.dirname(path)
     started, done, labels, digest = time.time(), 0, [], hashlib.sha256()
     reported = started

@@ -13,11 +13,12 @@ from quantization_utils import STUDENT_KEYS, granq_path, rebuild_student
 
 from . import distributed
 from .config import options_from_dict, parse_override
-from .data import build_test_loader, close_workers
+from .data import build_test_loader
 from .devices import configure_backends, cuda_device
 from .errors import UserError
 from .models import get_model_spec
 from .run_files import RunFileError, find_student_file, load_run_file
+from .workers import close_workers
 
 __all__ = ["evaluate", "evaluate_saved", "load_quantized_model"]
 

@@ -32,7 +32,7 @@ from quantization_utils import (
 
 from . import distributed
 from .config import LEGACY_KEYS, load_options, options_from_dict, parse_override
-from .data import build_test_loader, close_workers
+from .data import build_test_loader
 from .devices import configure_backends
 from .errors import UserError
 from .evaluate import evaluate_saved
@@ -42,6 +42,7 @@ from .plots import plot_run
 from .run_files import RunFileError, atomic_save_json, find_checkpoint, load_run_file
 from .stopping import RunInterrupted
 from .trainer import Trainer
+from .workers import close_workers
 
 __all__ = ["RESUME_KEYS", "Run", "build_parser", "main", "make_run_dir", "run", "setup"]
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from . import distributed
 
-__all__ = ["STOP_SIGNALS", "RunInterrupted", "StopRequest", "ignore_stop_signals"]
+__all__ = ["STOP_SIGNALS", "RunInterrupted", "StopRequest"]
 
 # SIGTERM is what SLURM and most schedulers send before they kill a job; SIGHUP comes when the terminal closes.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -66,11 +66,3 @@ class StopRequest:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """In each loader worker: ignore SIGINT, SIGTERM and SIGHUP. A signal sent to the whole process group
-    (a terminal's Ctrl-C, SLURM's SIGTERM) then reaches the workers harmlessly, and the main process decides
-    when to stop; the workers end with it."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)

@@ -67,9 +67,14 @@ def test_a_signal_to_the_process_group_checkpoints_and_resumes_to_the_same_stude
                *resumable_args(save_path, cifar_folder, *WITH_WORKERS)]
     with open(err_path, "w") as err:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
-    wait_for(err_path, f"slow_main: {phase} epoch 2", process)
-    os.killpg(process.pid, signum)
-    out, _ = process.communicate(timeout=120)
+    try:
+        wait_for(err_path, f"slow_main: {phase} epoch 2", process)
+        os.killpg(process.pid, signum)
+        out, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:  # a failed wait: leave nothing running
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     err = err_path.read_text()
     assert process.returncode == 128 + signum, err
     assert out == "" and "Traceback" not in err

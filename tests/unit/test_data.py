@@ -6,13 +6,12 @@ from utils.config import load_options
 from utils.data import (
     PREFETCH_BATCHES,
     build_test_loader,
-    close_workers,
     eval_transform,
-    evaluation_workers,
     find_image_folder,
     normalization,
 )
 from utils.errors import UserError
+from utils.workers import close_workers, evaluation_workers
 
 from ..conftest import CIFAR10_CONF, CIFAR10_JPEG, ROOT, make_image_folder, needs_shared_data
 

@@ -3,8 +3,8 @@ import signal
 
 import pytest
 
-from utils.data import ignore_stop_signals
 from utils.stopping import STOP_SIGNALS, StopRequest
+from utils.workers import ignore_stop_signals
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
