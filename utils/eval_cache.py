@@ -299,7 +299,7 @@ def _open(path: str, described: dict, dataset, rows, pil_steps: list, options, d
             return _load(path, described, len(dataset), rows, device)  # another process built it meanwhile
         except FileNotFoundError:
             reason = _why(os.path.dirname(path), described)
-        except DamagedCache as error:
+        except (DamagedCache, OSError) as error:
             logger.warning("eval cache: %s is damaged (%s): building it again", path, error)
             reason = "the cached file was damaged"
         logger.info("eval cache: decoding the %d test images in %s once, into %s (%s)", len(dataset),
