@@ -141,7 +141,7 @@ def test_cuda_batches_equal_the_decoding_loader(on_gpu, tmp_path, monkeypatch):
     if not on_gpu:  # as when the images take more than the stated share of free GPU memory
         monkeypatch.setattr(eval_cache, "GPU_MEMORY_SHARE", 0.0)
     options = imagenet_options(imagenet_like(tmp_path / "val"), tmp_path / "cache")
-    cached = assert_same_batches(options, torch.device("cuda"))
+    cached = assert_same_batches(options, torch.device("cuda", 0))  # the device a run evaluates on
     assert cached.images.is_cuda == on_gpu and cached.images.is_pinned() == (not on_gpu)
 
 
