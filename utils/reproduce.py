@@ -195,7 +195,7 @@ def load_plan(path: str) -> Plan:
         configs.append(resolved)
     from .slurm import slurm_settings
 
-    slurm = dict(checked.get("slurm", {}))
+    slurm = dict(_check_type(path, "slurm", values.get("slurm", {}), dict))
     slurm_settings(slurm, f"plan {path}: slurm")
     variants = _check_variants(path, values.get("variants", {}))
     per_config = _check_per_config(path, values.get("per_config", {}), configs, dict(variants))
