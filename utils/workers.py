@@ -53,6 +53,7 @@ class WorkerLoader(DataLoader):
         iterator = super()._get_iterator()
         if self.num_workers:
             _ITERATORS.add(iterator)
+            _WORKERS.update(getattr(iterator, "_workers", ()))
         return iterator
 
 
@@ -67,9 +68,17 @@ def close_workers(loader) -> None:
 def _end_all_workers() -> None:
     for iterator in list(_ITERATORS):
         iterator._shutdown_workers()
+    # A worker that did not stop in time (torch then sends it SIGTERM, which it ignores) is killed here, where
+    # multiprocessing would otherwise wait for it forever.
+    for worker in list(_WORKERS):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
-# Every iterator with workers, persistent or not, finished or not (one left in a traceback keeps its workers).
+# Every iterator with workers, persistent or not, finished or not (one left in a traceback keeps its workers),
+# and every worker process they started (multiprocessing keeps those alive while the process runs).
 _ITERATORS = weakref.WeakSet()
+_WORKERS = weakref.WeakSet()
 # atexit runs its handlers in reverse order: this one, registered after multiprocessing's, runs first.
 atexit.register(_end_all_workers)

@@ -56,3 +56,21 @@ def test_loader_workers_leave_the_stop_signals_to_the_main_process():
     ignored = int(done.stdout.strip(), 16)
     for signum in (1, 2, 15):  # SIGHUP, SIGINT, SIGTERM
         assert ignored >> (signum - 1) & 1, (signum, hex(ignored))
+
+
+def test_a_worker_that_missed_its_shutdown_is_killed_at_exit():
+    """torch's own shutdown sends SIGTERM to a worker that does not stop within its timeout; this one ignores it."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        import torch
+        from utils.workers import WorkerLoader
+
+        loader = WorkerLoader(torch.arange(64), batch_size=4, num_workers=2, persistent_workers=True)
+        iterator = iter(loader)
+        next(iterator)
+        iterator._shutdown = True  # as after a shutdown whose workers did not stop in time
+        print("started", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "started\n", done.stderr
