@@ -76,8 +76,7 @@ def _resize_and_crop(preset: EvalTransform) -> list:
     return steps
 
 
-def _transform(options):
-    preset = eval_transform(options)
+def _transform(preset: EvalTransform):
     return transforms.Compose(_resize_and_crop(preset) + [transforms.ToTensor(),
                                                           transforms.Normalize(preset.mean, preset.std)])
 
@@ -109,7 +108,8 @@ def build_test_loader(options, device: torch.device | None = None) -> DataLoader
     if not options.dataPath:
         raise UserError("dataPath is empty: set it to an ImageFolder root of the test set, or (CIFAR) to a "
                         "folder where torchvision may download the test set")
-    transform = _transform(options)
+    preset = eval_transform(options)
+    transform = _transform(preset)
     root = find_image_folder(options.dataPath)
     if root is not None:
         # The class index is the position of the folder name in sorted order, so a subset of the test set
@@ -133,7 +133,6 @@ def build_test_loader(options, device: torch.device | None = None) -> DataLoader
     if distributed.world_size() > 1:
         # Each rank evaluates a disjoint share; evaluate() sums the counts over ranks.
         dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
-    preset = eval_transform(options)
     cached = cached_test_loader(options, dataset, preset, _resize_and_crop(preset), device)
     if cached is not None:
         return cached

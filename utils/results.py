@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pyhocon import ConfigFactory
 
 from .errors import UserError
+from .metrics_writer import read_metrics
 from .published import (
     DATASET_NAMES,
     EARLIER_METHODS,
@@ -32,12 +33,13 @@ from .published import (
     published_index,
 )
 
-__all__ = ["METRICS", "STANDARD_BITS", "find_summaries", "format_cell", "load_summaries", "mean_std",
-           "results_markdown"]
+__all__ = ["BASELINE_VARIANT", "METRICS", "STANDARD_BITS", "find_summaries", "format_cell", "load_summaries",
+           "mean_std", "results_markdown", "student_seconds_per_iteration", "variants_markdown"]
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("student_top1", "best_top1")
+BASELINE_VARIANT = "baseline"  # the variant the others are compared with in variants_markdown
 STANDARD_BITS = ((3, 3), (4, 4), (5, 5))
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.hocon"  # the run's resolved options, beside its summary
@@ -250,3 +252,61 @@ def results_markdown(summaries: list[dict], metric: str = "student_top1") -> str
             for qw, qa in set(STANDARD_BITS) | {(s["qw"], s["qa"])}:
                 shown.add((s["dataset"], paper_model(s["network"]), bits_label(qw, qa)))
     return "\n".join(lines + methods_table(sorted(shown), "Published top-1 (%) for these rows")) + "\n"
+
+
+def student_seconds_per_iteration(summary: dict) -> float | None:
+    """Mean seconds per training iteration of the epochs that train the student (after ``warmup_epochs``), from
+    the run's ``metrics.jsonl`` (``train_seconds``, evaluation excluded); None without such epochs."""
+    options = summary.get("options", {})
+    warmup, iters = options.get("warmup_epochs"), summary.get("iters_per_epoch")
+    if warmup is None or not iters:
+        return None
+    records = read_metrics(os.path.dirname(summary["summary_path"]))
+    seconds = [r["train_seconds"] for r in records if r["epoch"] > warmup and "train_seconds" in r]
+    return sum(seconds) / (len(seconds) * iters) if seconds else None
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.2f}"
+
+
+def variants_markdown(summaries: list[dict], order=()) -> str:
+    """One table of a plan's variants (``summary["variant"]``, set by tools/reproduce.py): a row per teacher and
+    variant with the mean ± std over seeds of the final and the best top-1, each mean's difference from the
+    ``baseline`` variant of the same teacher and bit-widths, the final top-1 of each seed, and the mean seconds per
+    iteration of the student's epochs (:func:`student_seconds_per_iteration`). Rows of one teacher follow ``order``
+    (variant names; the others after them, by name). "" when no run has a variant."""
+    groups = defaultdict(list)
+    for s in summaries:
+        if s.get("variant") and s.get("student_top1") is not None:
+            groups[(s["dataset"], s["network"], _teacher_name(s), s["qw"], s["qa"], s["act_mode"]),
+                   s["variant"]].append(s)
+    if not groups:
+        return ""
+    values = {key: {m: [s[m] for s in runs if s.get(m) is not None] for m in METRICS} for key, runs in groups.items()}
+    means = {key: {m: statistics.fmean(v) if v else None for m, v in by_metric.items()}
+             for key, by_metric in values.items()}
+    header = ["model", "teacher weights", "bits", "variant", "final top-1", "Δ final", "best top-1", "Δ best",
+              "final top-1 per seed", "s/it (student epochs)"]
+    lines = ["Variants: mean ± sample standard deviation over seeds (n = seeds); Δ: difference of the means from "
+             f"the `{BASELINE_VARIANT}` variant of the same row; s/it: mean seconds per training iteration once the "
+             "student trains (generator and student steps, evaluation excluded).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rank = {name: i for i, name in enumerate(order)}
+    for (row, variant), runs in sorted(groups.items(), key=lambda item: (item[0][0], rank.get(item[0][1], len(rank)),
+                                                                         item[0][1])):
+        dataset, network, teacher, qw, qa, act_mode = row
+        baseline = means.get((row, BASELINE_VARIANT))
+        deltas = []
+        for m in METRICS:
+            pair = (baseline or {}).get(m), means[row, variant][m]
+            deltas.append("–" if variant == BASELINE_VARIANT or None in pair else _signed(pair[1] - pair[0]))
+        runs = sorted(runs, key=lambda s: (s.get("id", 0), s["summary_path"]))
+        speeds = [v for v in map(student_seconds_per_iteration, runs) if v is not None]
+        lines.append("| " + " | ".join([
+            f"{DATASET_NAMES.get(dataset, dataset)} `{network}`", f"`{teacher}`", f"{bits_label(qw, qa)} {act_mode}",
+            variant, format_cell(values[row, variant]["student_top1"]), deltas[0],
+            format_cell(values[row, variant]["best_top1"]) if values[row, variant]["best_top1"] else "–", deltas[1],
+            ", ".join(f"{s['student_top1']:.2f}" for s in runs),
+            f"{statistics.fmean(speeds):.3f}" if speeds else "–"]) + " |")
+    return "\n".join(lines) + "\n"

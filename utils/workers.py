@@ -4,7 +4,7 @@ The workers ignore SIGINT, SIGTERM and SIGHUP (:func:`ignore_stop_signals`): a s
 process group (a terminal's Ctrl-C, SLURM's SIGTERM) then reaches them harmlessly, and the main process decides
 when to stop; the workers end with it. Since SIGTERM no longer ends them, the loaders here (:class:`WorkerLoader`)
 tell their workers to stop at interpreter exit, before multiprocessing would send SIGTERM and wait for them
-forever.
+forever, and kill those that have not stopped in time.
 """
 
 from __future__ import annotations

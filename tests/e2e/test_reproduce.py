@@ -175,6 +175,26 @@ def test_gpus_pin_one_gpu_to_each_run(tmp_path, capsys):
     assert "exit code 0 but no summary.json" in out
 
 
+@pytest.mark.parametrize("jobs, given, expected", [(2, None, "1"), (1, None, "unset"), (2, "3", "3")])
+def test_cpu_jobs_share_the_cores(tmp_path, monkeypatch, jobs, given, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    if given is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", given)
+    plan = write_plan(tmp_path, seeds=[1, 2])
+    fake = write_fake_python(tmp_path, 'echo "threads ${OMP_NUM_THREADS-unset}"\n')
+    assert main(["--plan", plan, "--python", fake, "--jobs", str(jobs)]) == 1  # no summary: failed
+    for seed in (1, 2):
+        log = (tmp_path / "runs" / "tiny" / f"cifar10_resnet20_W4A4_granq_id{seed}" / "cell.log").read_text()
+        assert f"threads {expected}\n" in log
+        # The command line of cell.log shows the setting the run got from the plan call, to rerun it alike.
+        assert (" OMP_NUM_THREADS=1 " in log.splitlines()[0]) == (jobs == 2 and given is None)
+
+
 def test_sigterm_stops_each_run_with_one_sigterm(tmp_path):
     plan = write_plan(tmp_path, seeds=[1, 2])
     # Stands in for a run that takes a second to checkpoint after SIGTERM (a signal meanwhile is logged too)

@@ -168,3 +168,42 @@ def test_published_numbers_match_the_reference():
 def test_doctests(module):
     # utils/ is not among pytest's doctest paths; these examples are part of the documentation.
     assert doctest.testmod(module).failed == 0
+
+
+def _variant_run(folder, variant, seed, final, best, train_seconds, **values):
+    """A finished run of a plan's ``variant``: summary.json, config.hocon (2 warm-up epochs) and metrics.jsonl
+    (4 epochs of 10 iterations, ``train_seconds`` each)."""
+    _summary(folder, id=seed, student_top1=final, best_top1=best, iters_per_epoch=10, epochs=4, **values)
+    (folder / "config.hocon").write_text("warmup_epochs = 2\n")
+    with open(folder / "metrics.jsonl", "w") as f:
+        for epoch, seconds in enumerate(train_seconds, start=1):
+            f.write(json.dumps({"epoch": epoch, "train_seconds": seconds}) + "\n")
+    return folder
+
+
+def test_variants_table_compares_each_variant_with_the_baseline(tmp_path):
+    folders = [
+        _variant_run(tmp_path / "b1", "baseline", 1, 80.0, 81.0, [1, 1, 3, 5]),
+        _variant_run(tmp_path / "b2", "baseline", 2, 82.0, 82.0, [1, 1, 3, 5]),
+        _variant_run(tmp_path / "x2", "cam", 2, 83.0, 84.0, [1, 1, 6, 6]),
+        _variant_run(tmp_path / "x1", "cam", 1, 81.5, 83.0, [1, 1, 6, 6]),
+        _variant_run(tmp_path / "other", "baseline", 1, 90.0, 90.0, [1, 1, 1, 1], teacher_weights="/w/other.pth"),
+    ]
+    variants = {"b1": "baseline", "b2": "baseline", "x1": "cam", "x2": "cam", "other": "baseline"}
+    summaries = load_summaries([str(f) for f in folders])
+    for s in summaries:
+        s["variant"] = variants[os.path.basename(os.path.dirname(s["summary_path"]))]
+    text = utils.results.variants_markdown(summaries, order=["baseline", "cam"])
+    header = _row(text, "| model |")
+    rows = [line for line in text.splitlines() if line.startswith("| CIFAR-10 ")]
+    # By teacher (file name), then in the given order of the variants.
+    assert [_row(line, "|")[header.index("variant")] for line in rows] == ["baseline", "baseline", "cam"]
+    other, baseline, cam = (dict(zip(header, _row(line, "|"))) for line in rows)
+    assert baseline["final top-1"] == "81.00 ± 1.41 (n=2)" and baseline["Δ final"] == "–"
+    assert cam["final top-1"] == "82.25 ± 1.06 (n=2)" and cam["Δ final"] == "+1.25"
+    assert cam["best top-1"] == "83.50 ± 0.71 (n=2)" and cam["Δ best"] == "+2.00"
+    assert cam["final top-1 per seed"] == "81.50, 83.00"  # in seed order
+    # Epochs 3 and 4 train the student: (3 + 5) / 20 and (6 + 6) / 20 seconds per iteration.
+    assert baseline["s/it (student epochs)"] == "0.400" and cam["s/it (student epochs)"] == "0.600"
+    assert other["teacher weights"] == "`other.pth`" and other["final top-1"] == "90.00 (n=1)"
+    assert utils.results.variants_markdown(load_summaries([str(folders[0])])) == ""  # no variant: no table
