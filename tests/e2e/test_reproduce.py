@@ -364,17 +364,21 @@ def test_a_killed_launcher_stops_its_run_at_a_checkpoint(tmp_path, cifar_folder)
 
 
 ADDON_VARIANTS = ("baseline", "attention", "cam", "reliable_ce", "pseudo_label", "lowpass", "all")
+TUNED_VARIANTS = ("cam_reliable_ce", "cam_reliable_ce5")  # addons_cpu's tuning round, on the option-A teacher
 
 
 def test_addons_cpu_plan_lists_every_variant_of_each_teacher(tmp_path, capsys):
     assert main(["--plan", "addons_cpu", "--save-path", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    option_a = {f"cifar10_resnet20a_W3A3_granq_{v}_id{seed}" for v in ADDON_VARIANTS for seed in (1, 2, 3)}
+    option_a = {f"cifar10_resnet20a_W3A3_granq_{v}_id{seed}" for v in ADDON_VARIANTS + TUNED_VARIANTS
+                for seed in (1, 2, 3)}
     pytorchcv = {f"cifar10_resnet20_W3A3_granq_{v}_id{seed}" for v in ("baseline", "plus") for seed in (1, 2, 3)}
-    assert set(cell_lines(out, "run")) == option_a | pytorchcv and "27 cells in" in out
+    assert set(cell_lines(out, "run")) == option_a | pytorchcv and "33 cells in" in out
     commands = {line.split()[1].rstrip(":"): line for line in out.splitlines() if line.startswith("run ")}
     cam = commands["cifar10_resnet20a_W3A3_granq_cam_id2"]
     assert "--set 'student_losses=[kd, cam]'" in cam
+    tuned = commands["cifar10_resnet20a_W3A3_granq_cam_reliable_ce5_id3"]
+    assert "--set 'student_losses=[kd, cam, reliable_ce]' --set reliable_ce_weight=5" in tuned
     assert "akamaster_resnet20-12fca82f.th" in cam and "--set nEpochs=6 --set iters_per_epoch=200" in cam
     plus = commands["cifar10_resnet20_W3A3_granq_plus_id1"]
     assert "--set recipe=plus" in plus and "resnet20_cifar10_pytorchcv_jpeg.pth" in plus
