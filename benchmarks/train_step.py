@@ -12,7 +12,9 @@ by default, ``--students`` picks some; ``float`` is always measured, as the refe
 - ``float``: an unquantized copy of the teacher (the floor: what any zero-shot QAT step costs here);
 - ``granq``: GranQ activations and kernel-wise weights through the default fast path (``granq_impl = auto``);
 - ``granq eager``: the same with ``granq_impl = eager``;
-- ``layerwise``: one moving-average activation range per layer (GDFQ; eager), weights as ``granq``.
+- ``layerwise``: one moving-average activation range per layer (GDFQ; eager), weights as ``granq``;
+- ``granq+NAME`` (only when named): ``granq`` with an add-on of docs/addons.md (``attention``, ``cam``,
+  ``reliable_ce``, ``pseudo_label``, ``lowpass``, ``all`` of them, the recipe ``plus``): what each term costs.
 
 ``granq_impl = auto`` runs eager where the compiled path fails; each record's ``granq_path`` says which
 ran (:func:`quantization_utils.granq_path`), and the table then heads the ``granq`` column ``granq(eager)``.
@@ -65,6 +67,14 @@ SETTINGS = {
 CPU_SETTINGS = ("cifar10", "cifar100")
 STUDENTS = {"float": [], "granq": ["granq_impl=auto"], "granq eager": ["granq_impl=eager"],
             "layerwise": ["act_mode=layerwise"]}
+DEFAULT_STUDENTS = tuple(STUDENTS)
+# GranQ students with the add-ons of docs/addons.md, measured only when named in --students: the cost of each term.
+ADDONS = {"attention": ["student_losses=[kd, attention]"], "cam": ["student_losses=[kd, cam]"],
+          "reliable_ce": ["student_losses=[kd, reliable_ce]"], "pseudo_label": ["student_losses=[kd, pseudo_label]"],
+          "lowpass": ["student_input_filter=lowpass"],
+          "all": ["student_losses=[kd, attention, cam, reliable_ce, pseudo_label]", "student_input_filter=lowpass"],
+          "plus": ["recipe=plus"]}
+STUDENTS.update({f"granq+{name}": ["granq_impl=auto", *overrides] for name, overrides in ADDONS.items()})
 
 
 def student_path(student: str) -> str | None:
@@ -195,18 +205,19 @@ def print_table(results: list[dict]) -> None:
     eager = [r for r in results if "granq" in names and r["granq_path"] != "compiled"]
     labels = [f"{n}(eager)" if n == "granq" and eager else n for n in names]  # "granq" is the compiled path
     others = [n for n in names if n != "float"]
+    width = max(12, *map(len, labels))
     print("\nseconds per iteration (median); peak memory of a trainer running only that student for 3 iterations")
-    print(f"{'setting':14} {'batch':>5} {'device':6} " + " ".join(f"{n:>12}" for n in labels)
-          + " ".join(f" {n + '/float':>15}" for n in others))
+    print(f"{'setting':14} {'batch':>5} {'device':6} " + " ".join(f"{n:>{width}}" for n in labels)
+          + " ".join(f" {n + '/float':>{width + 6}}" for n in others))
     for r in results:
         s = r["seconds"]
-        print(f"{r['setting']:14} {r['batch']:5} {r['device']:6} " + " ".join(f"{s[n]:12.4f}" for n in names)
-              + " ".join(f" {s[n] / s['float']:15.2f}" for n in others))
+        print(f"{r['setting']:14} {r['batch']:5} {r['device']:6} " + " ".join(f"{s[n]:{width}.4f}" for n in names)
+              + " ".join(f" {s[n] / s['float']:{width + 6}.2f}" for n in others))
         memory = r["memory"]
         if memory and all("peak_mib" in memory[n] for n in names):
-            print(f"{'':14} {'':5} {'peak':6} " + " ".join(f"{memory[n]['peak_mib']:12.0f}" for n in names)
+            print(f"{'':14} {'':5} {'peak':6} " + " ".join(f"{memory[n]['peak_mib']:{width}.0f}" for n in names)
                   + f"   MiB, {memory['float']['kind']}")
-            print(f"{'':14} {'':5} {'+built':6} " + " ".join(f"{memory[n]['above_built_mib']:12.0f}" for n in names)
+            print(f"{'':14} {'':5} {'+built':6} " + " ".join(f"{memory[n]['above_built_mib']:{width}.0f}" for n in names)
                   + "   MiB above the models built")
     if "granq" in names:
         print("\ngranq_path: " + "; ".join(f"{r['setting']}: {r['granq_path']}" for r in results))
@@ -223,8 +234,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--settings", nargs="+", choices=tuple(SETTINGS),
                         help=f"default: {' '.join(CPU_SETTINGS)} on the CPU, all on CUDA")
-    parser.add_argument("--students", nargs="+", choices=tuple(STUDENTS), default=list(STUDENTS),
-                        help="students to measure (float is always added, as the reference)")
+    parser.add_argument("--students", nargs="+", choices=tuple(STUDENTS), default=list(DEFAULT_STUDENTS),
+                        help="students to measure (float is always added, as the reference; default: "
+                             f"{' '.join(DEFAULT_STUDENTS)}; granq+NAME: GranQ with an add-on of docs/addons.md)")
     parser.add_argument("--iters", type=int, default=0, help="timed iterations per student (default: 20 at "
                                                               "batch 16, 6 at batch 200; --quick 8 and 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per student first")
