@@ -217,7 +217,8 @@ def print_table(results: list[dict]) -> None:
         if memory and all("peak_mib" in memory[n] for n in names):
             print(f"{'':14} {'':5} {'peak':6} " + " ".join(f"{memory[n]['peak_mib']:{width}.0f}" for n in names)
                   + f"   MiB, {memory['float']['kind']}")
-            print(f"{'':14} {'':5} {'+built':6} " + " ".join(f"{memory[n]['above_built_mib']:{width}.0f}" for n in names)
+            above = " ".join(f"{memory[n]['above_built_mib']:{width}.0f}" for n in names)
+            print(f"{'':14} {'':5} {'+built':6} " + above
                   + "   MiB above the models built")
     if "granq" in names:
         print("\ngranq_path: " + "; ".join(f"{r['setting']}: {r['granq_path']}" for r in results))

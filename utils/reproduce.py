@@ -522,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                f"when the call that started it dies, and checkpoints (Linux; elsewhere it runs on to its end).")
     parser.add_argument("--plan", required=True, help="a plan name in tools/plans or a path to a plan hocon file")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="ID", help="run ids, instead of the plan's seeds")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="run and tabulate only these of the plan's variants")
     parser.add_argument("--save-path", help="instead of the plan's save_path (default ./runs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key in every cell; repeatable")
@@ -626,11 +628,22 @@ def prefetch(cells: list[Cell], say=print) -> None:
             raise UserError(f"cell {cell.name}: {error}") from None
 
 
+def _chosen_variants(plan: Plan, names: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    known = dict(plan.variants)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UserError(f"--variants {' '.join(unknown)}: plan {plan.name} has "
+                        + (f"the variants {', '.join(known)}" if known else "no variants"))
+    return tuple((name, known[name]) for name in dict.fromkeys(names))
+
+
 def reproduce(args) -> int:
     start = time.time()
     plan = load_plan(resolve_plan(args.plan))
     if args.seeds:
         plan = dataclasses.replace(plan, seeds=tuple(dict.fromkeys(args.seeds)))
+    if args.variants:
+        plan = dataclasses.replace(plan, variants=_chosen_variants(plan, args.variants))
     gpus = _gpu_list(args.gpus)
     jobs = args.jobs if args.jobs is not None else max(1, len(gpus))
     if jobs < 1:

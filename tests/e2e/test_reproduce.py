@@ -386,6 +386,21 @@ def test_addons_cpu_plan_lists_every_variant_of_each_teacher(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_variants_flag_runs_only_the_named_variants(tmp_path, capsys):
+    args = ["--plan", "addons_cpu", "--save-path", str(tmp_path), "--dry-run"]
+    assert main([*args, "--variants", "plus", "baseline"]) == 0
+    names = cell_lines(capsys.readouterr().out, "run")
+    cells = ("cifar10_resnet20a_W3A3_granq_baseline", "cifar10_resnet20_W3A3_granq_baseline",
+             "cifar10_resnet20_W3A3_granq_plus")
+    expected = {f"{cell}_id{seed}" for seed in (1, 2, 3) for cell in cells}
+    assert set(names) == expected and len(names) == 9
+    assert main([*args, "--variants", "baseline", "cam_reliable_ce6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --variants cam_reliable_ce6: plan addons_cpu has the variants baseline, attention")
+    assert main(["--plan", write_plan(tmp_path), "--dry-run", "--variants", "a"]) == 2
+    assert "--variants a: plan tiny has no variants" in capsys.readouterr().err
+
+
 def test_addons_cifar100_plan_runs_every_variant_at_the_official_settings(tmp_path, capsys):
     plan = load_plan(resolve_plan("addons_cifar100"))
     assert [name for name, _ in plan.variants] == [*ADDON_VARIANTS, "plus"] and plan.overrides == ()
