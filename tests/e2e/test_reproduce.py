@@ -364,7 +364,8 @@ def test_a_killed_launcher_stops_its_run_at_a_checkpoint(tmp_path, cifar_folder)
 
 
 ADDON_VARIANTS = ("baseline", "attention", "cam", "reliable_ce", "pseudo_label", "lowpass", "all")
-TUNED_VARIANTS = ("cam_reliable_ce", "cam_reliable_ce5")  # addons_cpu's tuning round, on the option-A teacher
+TUNED_VARIANTS = ("cam_reliable_ce", "cam_reliable_ce5", "lowpass160", "cam50_reliable_ce")  # addons_cpu's tuning
+# rounds, on the option-A teacher
 
 
 def test_addons_cpu_plan_lists_every_variant_of_each_teacher(tmp_path, capsys):
@@ -373,7 +374,7 @@ def test_addons_cpu_plan_lists_every_variant_of_each_teacher(tmp_path, capsys):
     option_a = {f"cifar10_resnet20a_W3A3_granq_{v}_id{seed}" for v in ADDON_VARIANTS + TUNED_VARIANTS
                 for seed in (1, 2, 3)}
     pytorchcv = {f"cifar10_resnet20_W3A3_granq_{v}_id{seed}" for v in ("baseline", "plus") for seed in (1, 2, 3)}
-    assert set(cell_lines(out, "run")) == option_a | pytorchcv and "33 cells in" in out
+    assert set(cell_lines(out, "run")) == option_a | pytorchcv and "39 cells in" in out
     commands = {line.split()[1].rstrip(":"): line for line in out.splitlines() if line.startswith("run ")}
     cam = commands["cifar10_resnet20a_W3A3_granq_cam_id2"]
     assert "--set 'student_losses=[kd, cam]'" in cam
