@@ -407,7 +407,8 @@ def cpu_threads(jobs: int, gpus=()) -> int | None:
     or when the caller set ``OMP_NUM_THREADS`` itself.
 
     Small CPU models scale poorly over threads: on 2 AMD EPYC cores two ResNet-20 W3A3 cells at batch 16 with one
-    thread each trained at 3.97 and 4.16 it/s, one cell with two threads at 4.09 it/s (docs/addons.md).
+    thread each train 1.3-2x as many iterations per second in all as one cell with two threads (docs/tools.md,
+    benchmarks/cpu_jobs.py).
     """
     if jobs <= 1 or gpus or "OMP_NUM_THREADS" in os.environ:
         return None
