@@ -13,8 +13,9 @@ by default, ``--students`` picks some; ``float`` is always measured, as the refe
 - ``granq``: GranQ activations and kernel-wise weights through the default fast path (``granq_impl = auto``);
 - ``granq eager``: the same with ``granq_impl = eager``;
 - ``layerwise``: one moving-average activation range per layer (GDFQ; eager), weights as ``granq``;
-- ``granq+NAME`` (only when named): ``granq`` with an add-on of docs/addons.md (``attention``, ``cam``,
-  ``reliable_ce``, ``pseudo_label``, ``lowpass``, ``all`` of them, the recipe ``plus``): what each term costs.
+- ``granq+NAME`` (only when named): ``granq`` with a variant of ``tools/plans/addons_cpu.hocon`` (``attention``,
+  ``cam``, ``reliable_ce``, ``pseudo_label``, ``lowpass``, ``all`` of them, the recipe ``plus``, ...): what each
+  add-on of docs/addons.md costs.
 
 ``granq_impl = auto`` runs eager where the compiled path fails; each record's ``granq_path`` says which
 ran (:func:`quantization_utils.granq_path`), and the table then heads the ``granq`` column ``granq(eager)``.
@@ -55,6 +56,7 @@ from quantization_utils import granq_path, set_act_tracking  # noqa: E402
 from utils.config import load_options  # noqa: E402
 from utils.devices import configure_backends  # noqa: E402
 from utils.models import build_teacher  # noqa: E402
+from utils.reproduce import load_plan, resolve_plan  # noqa: E402
 from utils.trainer import Trainer  # noqa: E402
 
 SETTINGS = {
@@ -69,11 +71,9 @@ STUDENTS = {"float": [], "granq": ["granq_impl=auto"], "granq eager": ["granq_im
             "layerwise": ["act_mode=layerwise"]}
 DEFAULT_STUDENTS = tuple(STUDENTS)
 # GranQ students with the add-ons of docs/addons.md, measured only when named in --students: the cost of each term.
-ADDONS = {"attention": ["student_losses=[kd, attention]"], "cam": ["student_losses=[kd, cam]"],
-          "reliable_ce": ["student_losses=[kd, reliable_ce]"], "pseudo_label": ["student_losses=[kd, pseudo_label]"],
-          "lowpass": ["student_input_filter=lowpass"],
-          "all": ["student_losses=[kd, attention, cam, reliable_ce, pseudo_label]", "student_input_filter=lowpass"],
-          "plus": ["recipe=plus"]}
+# They are the variants of the ablation plan, so that the costs pair with its accuracies.
+ADDONS = {name: list(overrides) for name, overrides in load_plan(resolve_plan("addons_cpu")).variants
+          if name != "baseline"}
 STUDENTS.update({f"granq+{name}": ["granq_impl=auto", *overrides] for name, overrides in ADDONS.items()})
 
 
