@@ -6,7 +6,7 @@ Each run is ``CIFAR/main.py`` on CIFAR-10 ResNet-20 (option-A architecture, rand
 batch 16, one epoch that trains the student from the first iteration, no evaluation; the figure is the
 iterations per second of its last progress line. First one run with PyTorch's default threads (every core),
 then ``os.cpu_count()`` runs at once with ``OMP_NUM_THREADS=1`` each, as ``tools/reproduce.py --jobs N`` gives
-them (utils.reproduce.cpu_threads). Needs the test set of ``../shared/data`` (or ``--data``), only for the
+them (utils.sweeps.local.cpu_threads). Needs the test set of ``../shared/data`` (or ``--data``), only for the
 teacher's evaluation at the start. Run it on an otherwise idle machine.
 """
 

@@ -6,7 +6,7 @@
 A synthetic ImageNet validation set is made in a temporary folder: 1000 class folders of JPEGs of the sizes
 the real validation images have (500x375, 375x500, 500x333 and 400x300 in turn; random colours on a coarse
 grid, smoothly enlarged: about the detail of a photograph; quality 90). Both loaders are the runs' own
-(:func:`utils.data.build_test_loader`, ImageNet's resize to 256 and centre crop of 224, ``nThreads =
+(:func:`utils.data.loaders.build_test_loader`, ImageNet's resize to 256 and centre crop of 224, ``nThreads =
 --workers``, at most one per CPU, ``test_batch_size = --batch``). Measured, each over ``--passes`` whole
 passes (the loaders: repeated until at least a second has passed) after one untimed pass; the rate is
 that of the median pass:
@@ -16,7 +16,7 @@ that of the median pass:
 - ``cached``: ``eval_cache`` in the temporary folder: batches from the decoded uint8 array, normalised on
   the device. ``build_s`` is the one-time cost (decoding every image once and writing the file), ``load_s``
   what a later run pays (reading and checking the file);
-- ``float``: ResNet-18 (random weights) through :func:`utils.evaluate.evaluate` from the cached loader, as a
+- ``float``: ResNet-18 (random weights) through :func:`utils.training.evaluate.evaluate` from the cached loader, as a
   run evaluates its teacher;
 - ``granq``: its W4A4 GranQ student (kernel-wise weights, ``granq_impl = auto``), as a run evaluates it.
 
@@ -53,11 +53,11 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.common import describe, environment, finish, synchronize  # noqa: E402
 from quantization_utils import granq_path, quantize_model, set_act_tracking  # noqa: E402
-from utils.config import load_options  # noqa: E402
-from utils.data import build_test_loader  # noqa: E402
-from utils.devices import configure_backends  # noqa: E402
-from utils.evaluate import evaluate  # noqa: E402
+from utils.data.loaders import build_test_loader  # noqa: E402
 from utils.models import get_model_spec  # noqa: E402
+from utils.runs.config import load_options  # noqa: E402
+from utils.system.devices import configure_backends  # noqa: E402
+from utils.training.evaluate import evaluate  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "ImageNet", "imagenet_res18.hocon")
 CLASSES = 1000

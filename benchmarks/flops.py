@@ -27,9 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from quantization_utils import quantize_model  # noqa: E402
-from utils.config import load_options  # noqa: E402
-from utils.generator import build_generator  # noqa: E402
 from utils.models import build_teacher  # noqa: E402
+from utils.runs.config import load_options  # noqa: E402
+from utils.training.generator import build_generator  # noqa: E402
 
 SETTINGS = {
     "cifar10": os.path.join(ROOT, "CIFAR", "cifar10_resnet20.hocon"),

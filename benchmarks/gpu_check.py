@@ -143,7 +143,7 @@ def labelled_test_set(root: str, count: int) -> tuple[str, str]:
     from PIL import Image
     from torchvision import transforms
 
-    from utils.data import NORMALIZATION
+    from utils.data.loaders import NORMALIZATION
     from utils.models import build_teacher
 
     rng = np.random.default_rng(0)

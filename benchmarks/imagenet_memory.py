@@ -41,9 +41,9 @@ def measure(config: str, batch: int, iters: int) -> dict:
     """Run the training iterations in this process and return its figures."""
     import torch
 
-    from utils.config import load_options
     from utils.models import build_teacher
-    from utils.trainer import Trainer
+    from utils.runs.config import load_options
+    from utils.training.trainer import Trainer
 
     options = load_options(os.path.join(ROOT, "ImageNet", f"{config}.hocon"),
                            ["teacher_weights=random", f"batchSize={batch}", f"iters_per_epoch={iters}",
@@ -67,9 +67,9 @@ def measure_evaluation(config: str, batch: int) -> dict:
     import torch
 
     from quantization_utils import quantize_model
-    from utils.config import load_options
-    from utils.evaluate import evaluate
     from utils.models import build_teacher
+    from utils.runs.config import load_options
+    from utils.training.evaluate import evaluate
 
     options = load_options(os.path.join(ROOT, "ImageNet", f"{config}.hocon"), ["teacher_weights=random"])
     teacher, _ = build_teacher(options.network, options.teacher_weights)

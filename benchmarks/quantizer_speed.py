@@ -52,7 +52,8 @@ WORKLOADS = (("resnet20_cifar10", 32, (16, 200)), ("resnet18", 224, (16,)))
 METHODS = ("layerwise eager", "layerwise fast", "channel eager", "granq eager", "granq fast", "channel loop",
            "torch per-channel")
 MODES = ("fwd", "fwd+bwd")
-# The trainer keeps the students' activations channels_last on the CPU (utils/trainer.py, resnet_memory_format).
+# The trainer keeps the students' activations channels_last on the CPU (utils/system/devices.py,
+# resnet_memory_format).
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 

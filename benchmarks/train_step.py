@@ -53,11 +53,11 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.common import describe, environment, finish, synchronize  # noqa: E402
 from quantization_utils import granq_path, set_act_tracking  # noqa: E402
-from utils.config import load_options  # noqa: E402
-from utils.devices import configure_backends  # noqa: E402
 from utils.models import build_teacher  # noqa: E402
-from utils.reproduce import load_plan, resolve_plan  # noqa: E402
-from utils.trainer import Trainer  # noqa: E402
+from utils.runs.config import load_options  # noqa: E402
+from utils.sweeps.plans import load_plan, resolve_plan  # noqa: E402
+from utils.system.devices import configure_backends  # noqa: E402
+from utils.training.trainer import Trainer  # noqa: E402
 
 SETTINGS = {
     "cifar10": os.path.join(ROOT, "CIFAR", "cifar10_resnet20.hocon"),
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    backends = configure_backends(args.deterministic, device)  # as utils.run does
+    backends = configure_backends(args.deterministic, device)  # as utils.runs.run does
     env = {**environment([device]), "backends": backends}
     print(describe(env), flush=True)
     started = time.time()

@@ -37,8 +37,8 @@ def make_image_folder(root, classes: int, per_class: int, size: int, seed: int =
 
 @pytest.fixture(autouse=True)
 def restore_backend_flags():
-    """Runs set process-wide flags (utils.devices.configure_backends); later tests start from torch's own."""
-    from utils.devices import set_tf32_settings, tf32_settings
+    """Runs set process-wide flags (utils.system.devices.configure_backends); later tests start from torch's own."""
+    from utils.system.devices import set_tf32_settings, tf32_settings
 
     cudnn = torch.backends.cudnn
     saved = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark,
@@ -73,7 +73,7 @@ def cifar_folder(tmp_path_factory):
 
 def run_main(argv):
     """Run the command line in-process; return (exit code, stdout lines)."""
-    from utils.run import main
+    from utils.runs.run import main
 
     out = io.StringIO()
     with redirect_stdout(out):

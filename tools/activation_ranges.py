@@ -22,13 +22,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from quantization_utils import activation_classes, check_bits  # noqa: E402
-from utils.activation_ranges import measure_activation_ranges, stats_table, write_csv, write_figure  # noqa: E402
-from utils.config import load_options, options_from_dict, parse_override  # noqa: E402
-from utils.data import build_test_loader, find_image_folder  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.generator import build_generator  # noqa: E402
+from utils.data.loaders import build_test_loader, find_image_folder  # noqa: E402
 from utils.models import build_teacher  # noqa: E402
-from utils.run_files import RunFileError, find_checkpoint, load_run_file  # noqa: E402
+from utils.reports.activation_ranges import (
+    measure_activation_ranges,
+    stats_table,
+    write_csv,
+    write_figure,
+)  # noqa: E402
+from utils.runs.config import load_options, options_from_dict, parse_override  # noqa: E402
+from utils.system.errors import UserError  # noqa: E402
+from utils.training.checkpoints import RunFileError, find_checkpoint, load_run_file  # noqa: E402
+from utils.training.generator import build_generator  # noqa: E402
 
 logger = logging.getLogger("granq")
 SOURCES = ("real", "generator", "noise")

@@ -11,8 +11,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.errors import UserError  # noqa: E402
-from utils.plots import plot_run  # noqa: E402
+from utils.reports.plots import plot_run  # noqa: E402
+from utils.system.errors import UserError  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,7 @@
 
     python tools/published_table.py [--results RUN_DIR...] [--all]
 
-One row per (dataset, model, bit-width) of ``utils/published_numbers.csv``: the run script of that
+One row per (dataset, model, bit-width) of ``utils/reports/published_numbers.csv``: the run script of that
 cell, the best earlier method (AdaDFQ's table) and GranQ's abstract claim where one exists. "ours" is
 "not run yet" unless ``--results`` gives runs: then the mean ± std of ``student_top1`` over the runs of
 that cell that used GranQ's settings (act_mode granq, weight granularity kernel), a teacher with
@@ -18,9 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from utils.config import load_options  # noqa: E402
-from utils.errors import UserError, report_errors  # noqa: E402
-from utils.published import (  # noqa: E402
+from utils.reports.published import (  # noqa: E402
     DATASET_NAMES,
     best_earlier,
     bits_label,
@@ -29,7 +27,9 @@ from utils.published import (  # noqa: E402
     paper_model,
     published_index,
 )
-from utils.results import format_cell, load_summaries  # noqa: E402
+from utils.reports.results import format_cell, load_summaries  # noqa: E402
+from utils.runs.config import load_options  # noqa: E402
+from utils.system.errors import UserError, report_errors  # noqa: E402
 
 IMAGENET_DATA = " --set dataPath=/path/to/imagenet"
 # (dataset, paper model) -> (folder, config, run script with {bits}, extra arguments the command needs).

@@ -14,8 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.errors import UserError, report_errors  # noqa: E402
-from utils.results import METRICS, load_summaries, results_markdown  # noqa: E402
+from utils.reports.results import METRICS, load_summaries, results_markdown  # noqa: E402
+from utils.system.errors import UserError, report_errors  # noqa: E402
 
 
 def main(argv=None) -> int:

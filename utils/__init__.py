@@ -1,1 +1,13 @@
-"""Shared zero-shot QAT machinery: config, models, data, generator, losses, trainer and command line."""
+"""The zero-shot QAT application around ``quantization_utils``, in sub-packages by concern.
+
+Each sub-package imports only from those listed before it (``tests/unit/test_layering.py`` checks this and that
+no modules import each other in a circle); ``quantization_utils`` imports nothing from here:
+
+1. ``system``: errors, devices, torchrun, file locks, atomic file writes, stop signals;
+2. ``models``: the model registry, the option-A ResNet-20, teachers and their weights;
+3. ``data``: the test sets, the evaluation cache, loader workers;
+4. ``training``: the trainer, the generator, losses, optimizers, progress, metrics, checkpoints;
+5. ``reports``: results tables, plots, published numbers, activation ranges;
+6. ``runs``: the config, the command line of ``main.py``, evaluating saved students;
+7. ``sweeps``: plans of many runs, their cells, the local and the SLURM launcher.
+"""

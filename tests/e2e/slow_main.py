@@ -10,8 +10,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import utils.trainer as trainer_module  # noqa: E402
-from utils.run import main  # noqa: E402
+import utils.training.trainer as trainer_module  # noqa: E402
+from utils.runs.run import main  # noqa: E402
 
 PAUSE = 0.1  # seconds added to each training step and each evaluation batch
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.activation_ranges import activation_stats, measure_activation_ranges
-from utils.config import load_options
-from utils.generator import build_generator
 from utils.models import build_teacher
+from utils.reports.activation_ranges import activation_stats, measure_activation_ranges
+from utils.runs.config import load_options
+from utils.training.generator import build_generator
 
 from ..conftest import CIFAR10_CONF, CIFAR10A_CONF, ROOT
 

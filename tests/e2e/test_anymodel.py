@@ -107,7 +107,7 @@ def test_act_types_quantize_after_hardswish(act_types, quant_acts, float_inputs,
     code, lines = run_main(tiny_run_args(tmp_path, cifar_folder, *[a for s in sets for a in ("--set", s)]))
     summary = check_run(code, lines, network, "cifar10")
     assert f"{float_inputs} Conv2d/Linear layers" in float_input_line(summary["run_dir"])
-    from utils.evaluate import load_quantized_model
+    from utils.runs.saved import load_quantized_model
 
     student = load_quantized_model(summary["run_dir"])  # rebuilt with the saved act_types
     assert count_modules(student, QuantAct) == quant_acts
@@ -117,8 +117,8 @@ def test_act_types_quantize_after_hardswish(act_types, quant_acts, float_inputs,
 
 def test_start_up_log_names_float_inputs_and_float_layers(caplog):
     from quantization_utils import quantize_model
-    from utils.config import load_options
-    from utils.run import log_unquantized_inputs
+    from utils.runs.config import load_options
+    from utils.runs.run import log_unquantized_inputs
 
     from .user_models import MaskedConv
 
@@ -136,8 +136,8 @@ def test_start_up_log_names_float_inputs_and_float_layers(caplog):
 
 def test_start_up_log_warns_of_one_range_for_a_reused_activation(caplog):
     from quantization_utils import quantize_model
-    from utils.config import load_options
-    from utils.run import log_unquantized_inputs
+    from utils.runs.config import load_options
+    from utils.runs.run import log_unquantized_inputs
 
     from .user_models import reused_relu_net
 

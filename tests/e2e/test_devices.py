@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-import utils.evaluate as evaluate_module
+import utils.runs.saved as evaluate_module
 
 from ..conftest import last_json, run_main, tiny_run_args
 

@@ -58,7 +58,7 @@ def fetch_in_turn(rank: int, store_file: str, log_file: str) -> None:
 
     import torch.distributed as dist
 
-    from utils import distributed
+    from utils.system import distributed
 
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
     try:

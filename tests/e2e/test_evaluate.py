@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from benchmarks.gpu_check import labelled_test_set
-from utils.errors import UserError
-from utils.evaluate import evaluate_saved
+from utils.runs.saved import evaluate_saved
+from utils.system.errors import UserError
 
 from ..conftest import last_json, make_image_folder, run_main, tiny_run_args
 

@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import utils.models as models
+import utils.models.registry as models
 from quantization_utils import QuantAct, QuantConv2d, QuantLinear, quantize_model
 from quantization_utils.quantize import ACTIVATIONS, count_modules
-from utils.config import load_options
-from utils.data import build_test_loader
-from utils.errors import UserError
+from utils.data.loaders import build_test_loader
 from utils.models import get_model_spec
+from utils.runs.config import load_options
+from utils.system.errors import UserError
 
 from ..conftest import ROOT, last_json, make_image_folder, run_main
 

@@ -6,7 +6,7 @@ import sys
 from matplotlib.image import imread
 from PIL import Image
 
-from utils.plots import ACCURACY_PNG, LOSSES_PNG, _series, plot_run
+from utils.reports.plots import ACCURACY_PNG, LOSSES_PNG, _series, plot_run
 
 from ..conftest import ROOT, last_json, run_main, tiny_run_args
 

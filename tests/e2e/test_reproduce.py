@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from utils.reproduce import load_plan, main, resolve_plan
+from utils.sweeps.plans import load_plan, resolve_plan
+from utils.sweeps.reproduce import main
 
 from ..conftest import CIFAR10_CONF, ROOT, make_image_folder
 
@@ -345,7 +346,7 @@ def test_two_concurrent_calls_run_each_cell_once(tmp_path, capsys):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_killed_launcher_stops_its_run_at_a_checkpoint(tmp_path, cifar_folder):
-    from utils.locks import held_elsewhere
+    from utils.system.locks import held_elsewhere
 
     plan = write_plan(tmp_path, set=[f"dataPath={cifar_folder}", *RESUMABLE_RUN])
     cell = tmp_path / "runs" / "tiny" / "cifar10_resnet20_W4A4_granq_id1"

@@ -8,8 +8,7 @@ import time
 import pytest
 import torch
 
-import utils.run_files as run_files
-import utils.trainer as trainer_module
+import utils.training.trainer as trainer_module
 
 from ..conftest import ROOT, last_json, run_main, tiny_run_args
 
@@ -182,21 +181,6 @@ def test_non_finite_loss_stops_with_its_name_and_keeps_the_checkpoint(tmp_path, 
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert (checkpoint["epoch"], checkpoint["iteration"]) == (1, 0)
 
-
-def test_atomic_save_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
-    path = tmp_path / "checkpoint.pt"
-    run_files.atomic_save({"epoch": 1}, str(path))
-
-    def crash(obj, f):
-        with open(f, "wb") as handle:
-            handle.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
-        run_files.atomic_save({"epoch": 2}, str(path))
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=False) == {"epoch": 1}
 
 
 def test_resume_applies_evaluation_overrides_and_refuses_the_others(tmp_path, cifar_folder, capsys):

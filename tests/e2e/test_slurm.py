@@ -8,8 +8,8 @@ import signal
 import pytest
 import torch
 
-from utils.reproduce import main
-from utils.slurm import _local_state
+from utils.sweeps.reproduce import main
+from utils.sweeps.slurm import _local_state
 
 from ..conftest import CIFAR10_CONF
 from .test_reproduce import RESUMABLE_RUN, TINY_RUN, run_dirs, wait_for, write_plan

@@ -4,13 +4,13 @@ import os
 import pytest
 import torch
 
-import utils.losses.kd as kd_module
+import utils.training.losses.kd as kd_module
 from quantization_utils import QuantAct
-from utils.config import load_options
-from utils.data import build_test_loader
+from utils.data.loaders import build_test_loader
 from utils.models import build_teacher
-from utils.optim import learning_rate
-from utils.trainer import Trainer
+from utils.runs.config import load_options
+from utils.training.optim import learning_rate
+from utils.training.trainer import Trainer
 
 from ..conftest import (
     CIFAR10_CONF,

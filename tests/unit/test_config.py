@@ -1,8 +1,8 @@
 import pytest
 
 from quantization_utils import ACT_QUANTIZERS, register_act_quantizer
-from utils.config import Options, load_options, parse_override
-from utils.errors import ConfigError
+from utils.runs.config import Options, load_options, parse_override
+from utils.system.errors import ConfigError
 
 from ..conftest import CIFAR10_CONF, CIFAR10A_CONF, ROOT
 
@@ -178,7 +178,7 @@ def test_act_types_default_and_round_trip(tmp_path):
 
 
 def test_unknown_student_loss_lists_every_registered_term():
-    from utils.losses import student_loss_names
+    from utils.training.losses import student_loss_names
 
     with pytest.raises(ConfigError) as error:
         load_options(CIFAR10_CONF, ["student_losses=[kd, focal]"])

@@ -1,17 +1,11 @@
 import pytest
 import torch
 
-import utils.distributed as distributed
-from utils.config import load_options
-from utils.data import (
-    PREFETCH_BATCHES,
-    build_test_loader,
-    eval_transform,
-    find_image_folder,
-    normalization,
-)
-from utils.errors import UserError
-from utils.workers import close_workers, evaluation_workers
+import utils.system.distributed as distributed
+from utils.data.loaders import PREFETCH_BATCHES, build_test_loader, eval_transform, find_image_folder, normalization
+from utils.data.workers import close_workers, evaluation_workers
+from utils.runs.config import load_options
+from utils.system.errors import UserError
 
 from ..conftest import CIFAR10_CONF, CIFAR10_JPEG, ROOT, make_image_folder, needs_shared_data
 

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-import utils.distributed as distributed
-from utils.devices import (
+import utils.system.distributed as distributed
+from utils.system.devices import (
     CUBLAS_WORKSPACE,
     backend_flags,
     configure_backends,
@@ -14,7 +14,7 @@ from utils.devices import (
     set_tf32_settings,
     tf32_settings,
 )
-from utils.errors import UserError
+from utils.system.errors import UserError
 
 CUDA = torch.device("cuda", 0)
 

@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from utils import distributed, eval_cache
-from utils.config import load_options
-from utils.data import build_test_loader
-from utils.eval_cache import HEADER_BYTES, CachedLoader, cache_directory
+from utils.data import eval_cache
+from utils.data.eval_cache import HEADER_BYTES, CachedLoader, cache_directory
+from utils.data.loaders import build_test_loader
+from utils.runs.config import load_options
+from utils.system import distributed
 
 from ..conftest import CIFAR10_CONF, CIFAR10_JPEG, ROOT, needs_shared_data
 
@@ -238,7 +239,7 @@ def test_an_unwritable_cache_falls_back_to_decoding(failure, tmp_path, monkeypat
         loader = build_test_loader(options)
     assert isinstance(loader, DataLoader)
     [warning] = [record.getMessage() for record in caplog.records
-                 if record.levelno >= logging.WARNING and record.name == "utils.eval_cache"]
+                 if record.levelno >= logging.WARNING and record.name == "utils.data.eval_cache"]
     assert "cannot write the decoded test set" in warning and "decoding it at every evaluation" in warning
     assert ("GB needed" in warning) == (failure == "disk full")
     if os.path.isdir(directory):
@@ -265,9 +266,9 @@ def test_tests_never_use_the_home_cache():
 CONCURRENT = """
 import hashlib, json, logging, os, sys, time
 sys.path.insert(0, {root!r})
-from utils import eval_cache
-from utils.config import load_options
-from utils.data import build_test_loader
+from utils.data import eval_cache
+from utils.runs.config import load_options
+from utils.data.loaders import build_test_loader
 
 build = eval_cache._build
 

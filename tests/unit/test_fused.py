@@ -393,10 +393,10 @@ def test_copies_and_pickles_share_the_compiled_function():
 
 def test_trainer_runs_with_compile_unavailable(monkeypatch, caplog, tmp_path, cifar_folder):
     """A machine where torch.compile fails: the default (auto) trains with eager after one warning."""
-    from utils.config import load_options
-    from utils.data import build_test_loader
+    from utils.data.loaders import build_test_loader
     from utils.models import build_teacher
-    from utils.trainer import Trainer
+    from utils.runs.config import load_options
+    from utils.training.trainer import Trainer
 
     from ..conftest import CIFAR10_CONF
 
@@ -418,9 +418,9 @@ def test_trainer_runs_with_compile_unavailable(monkeypatch, caplog, tmp_path, ci
 
 
 def make_trainer(impl: str, tmp_path):
-    from utils.config import load_options
     from utils.models import build_teacher
-    from utils.trainer import Trainer
+    from utils.runs.config import load_options
+    from utils.training.trainer import Trainer
 
     from ..conftest import CIFAR10_CONF
 

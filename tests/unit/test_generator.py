@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.generator import ConditionalBNGenerator, LabelEmbeddingGenerator, upsample_conv3x3
+from utils.training.generator import ConditionalBNGenerator, LabelEmbeddingGenerator, upsample_conv3x3
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import torch
 
-from utils.locks import fetch_lock, held_elsewhere, try_lock
+from utils.system.locks import fetch_lock, held_elsewhere, try_lock
 
 PYTORCHCV_NAME = "resnet20_cifar10"
 CHUNKS = 4  # a fake download writes its file in this many pieces ...
@@ -66,7 +66,7 @@ def install_fake_downloads(served: dict, patch=setattr) -> list:
     from torchvision.datasets import CIFAR10
     from torchvision.datasets import utils as dataset_utils
 
-    import utils.models as models
+    import utils.models.registry as models
 
     urls = []
 
@@ -99,9 +99,9 @@ def install_fake_downloads(served: dict, patch=setattr) -> list:
 def fetch_teacher_and_test_set(served: dict, start, results) -> None:
     """In a fresh process: wait for the others at ``start``, then build the published teacher and the CIFAR-10
     test set as a run does; put what happened into ``results``."""
-    from utils.config import load_options
-    from utils.data import build_test_loader
+    from utils.data.loaders import build_test_loader
     from utils.models import build_teacher
+    from utils.runs.config import load_options
 
     urls = install_fake_downloads(served)
     options = load_options(os.path.join(os.path.dirname(__file__), "..", "..", "CIFAR", "cifar10_resnet20.hocon"),
@@ -158,7 +158,7 @@ def hold_lock(path, holding, release) -> None:
 
 
 def test_fetch_lock_in_a_folder_that_cannot_hold_it_runs_unlocked(tmp_path, monkeypatch):
-    import utils.locks as locks
+    import utils.system.locks as locks
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

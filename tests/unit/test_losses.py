@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.losses import (
+from utils.models import get_model_spec
+from utils.training.losses import (
     STUDENT_LOSSES,
     BNStatistics,
     FeatureCapture,
@@ -22,11 +23,10 @@ from utils.losses import (
     register_input_filter,
     register_student_loss,
 )
-from utils.losses.akt import AttentionDistillation
-from utils.losses.layers import last_spatial_conv, stage_blocks
-from utils.losses.plf import pseudo_label
-from utils.losses.synq import GradCamAlignment, lowpass, reliable_ce
-from utils.models import get_model_spec
+from utils.training.losses.akt import AttentionDistillation
+from utils.training.losses.layers import last_spatial_conv, stage_blocks
+from utils.training.losses.plf import pseudo_label
+from utils.training.losses.synq import GradCamAlignment, lowpass, reliable_ce
 
 
 def test_entropy_of_uniform_and_one_hot():

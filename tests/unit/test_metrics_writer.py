@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-import utils.metrics_writer
-from utils.errors import UserError
-from utils.metrics_writer import MetricsWriter, read_metrics
+import utils.training.metrics_writer
+from utils.system.errors import UserError
+from utils.training.metrics_writer import MetricsWriter, read_metrics
 
 RECORDS = [
     {"epoch": 1, "lr_S": 1e-4, "loss_G": 2.5, "loss_S": -0.25, "teacher_acc": 0.5, "best_top1": None,
@@ -63,4 +63,4 @@ def test_missing_tensorboard_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_doctests():
     # utils/ is not among pytest's doctest paths; these examples are part of the documentation.
-    assert doctest.testmod(utils.metrics_writer).failed == 0
+    assert doctest.testmod(utils.training.metrics_writer).failed == 0

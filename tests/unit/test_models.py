@@ -5,9 +5,10 @@ import zipfile
 import pytest
 import torch
 
-import utils.models as models
-from utils.errors import UserError
+import utils.models.registry as models
+import utils.models.resnet_a as resnet_a
 from utils.models import build_teacher, check_teacher, get_model_spec, model_names
+from utils.system.errors import UserError
 
 from ..conftest import PYTORCHCV_JPEG_WEIGHTS, RESNET20A_WEIGHTS, needs_shared_data
 
@@ -129,7 +130,7 @@ def test_resnet20a_published_weights_through_mocked_download(model_cache, monkey
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
     _, source = build_teacher("resnet20a_cifar10", "")
-    assert calls == [(models.RESNET20A_URL, "12fca82f")]
+    assert calls == [(resnet_a.RESNET20A_URL, "12fca82f")]
     assert os.path.basename(source) == "resnet20-12fca82f.th"
     build_teacher("resnet20a_cifar10", "")  # second time from the cache
     assert len(calls) == 1

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-import utils.trainer as trainer_module
-from utils.progress import Progress
+import utils.training.trainer as trainer_module
+from utils.training.progress import Progress
 
 from .test_trainer_step import make_trainer
 

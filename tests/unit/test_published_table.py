@@ -10,7 +10,7 @@ from ..conftest import ROOT
 
 TOOL = os.path.join(ROOT, "tools", "published_table.py")
 README = os.path.join(ROOT, "README.md")
-CSV = os.path.join(ROOT, "utils", "published_numbers.csv")
+CSV = os.path.join(ROOT, "utils", "reports", "published_numbers.csv")
 START, END = "<!-- published-table:start -->", "<!-- published-table:end -->"
 
 
@@ -43,7 +43,7 @@ def test_readme_holds_the_tools_table(tool, capsys):
 
 
 def test_fifteen_cells_with_the_csvs_numbers(tool, capsys):
-    # Read the CSV here without utils.published, so a fault in the loader shows.
+    # Read the CSV here without utils.reports.published, so a fault in the loader shows.
     with open(CSV, newline="") as f:
         records = list(csv.DictReader(line for line in f if not line.startswith("#")))
     names = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet"}

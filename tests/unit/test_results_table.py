@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-import utils.published
-import utils.results
-from utils.errors import UserError
-from utils.published import load_published
-from utils.results import find_summaries, load_summaries, results_markdown
+import utils.reports.published
+import utils.reports.results
+from utils.reports.published import load_published
+from utils.reports.results import find_summaries, load_summaries, results_markdown
+from utils.system.errors import UserError
 
 from ..conftest import ROOT
 
@@ -164,7 +164,7 @@ def test_published_numbers_match_the_reference():
                   ("imagenet", "MobileNetV2"): 73.03, ("imagenet", "ResNet-50"): 77.73}
 
 
-@pytest.mark.parametrize("module", [utils.results, utils.published])
+@pytest.mark.parametrize("module", [utils.reports.results, utils.reports.published])
 def test_doctests(module):
     # utils/ is not among pytest's doctest paths; these examples are part of the documentation.
     assert doctest.testmod(module).failed == 0
@@ -193,7 +193,7 @@ def test_variants_table_compares_each_variant_with_the_baseline(tmp_path):
     summaries = load_summaries([str(f) for f in folders])
     for s in summaries:
         s["variant"] = variants[os.path.basename(os.path.dirname(s["summary_path"]))]
-    text = utils.results.variants_markdown(summaries, order=["baseline", "cam"])
+    text = utils.reports.results.variants_markdown(summaries, order=["baseline", "cam"])
     header = _row(text, "| model |")
     rows = [line for line in text.splitlines() if line.startswith("| CIFAR-10 ")]
     # By teacher (file name), then in the given order of the variants.
@@ -206,4 +206,4 @@ def test_variants_table_compares_each_variant_with_the_baseline(tmp_path):
     # Epochs 3 and 4 train the student: (3 + 5) / 20 and (6 + 6) / 20 seconds per iteration.
     assert baseline["s/it (student epochs)"] == "0.400" and cam["s/it (student epochs)"] == "0.600"
     assert other["teacher weights"] == "`other.pth`" and other["final top-1"] == "90.00 (n=1)"
-    assert utils.results.variants_markdown(load_summaries([str(folders[0])])) == ""  # no variant: no table
+    assert utils.reports.results.variants_markdown(load_summaries([str(folders[0])])) == ""  # no variant: no table

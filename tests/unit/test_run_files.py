@@ -4,11 +4,18 @@ import pytest
 import torch
 
 from quantization_utils import QuantAct, QuantConv2d, set_act_tracking
-from utils.config import load_options
-from utils.evaluate import load_quantized_model
 from utils.models import build_teacher
-from utils.run_files import BEST_STUDENT, CHECKPOINT, RunFileError, capture_rng, find_student_file, restore_rng
-from utils.trainer import Trainer
+from utils.runs.config import load_options
+from utils.runs.saved import load_quantized_model
+from utils.training.checkpoints import (
+    BEST_STUDENT,
+    CHECKPOINT,
+    RunFileError,
+    capture_rng,
+    find_student_file,
+    restore_rng,
+)
+from utils.training.trainer import Trainer
 
 from ..conftest import CIFAR10_CONF, CIFAR10A_CONF
 
@@ -126,22 +133,3 @@ def test_the_noise_generator_state_is_saved_and_restored():
     first = torch.randn(4, generator=noise)
     restore_rng(state, torch.device("cpu"), noise)
     assert torch.equal(torch.randn(4, generator=noise), first)
-
-
-def test_summary_is_written_atomically(tmp_path, monkeypatch):
-    import json
-
-    from utils import run_files
-
-    path = tmp_path / "summary.json"
-    run_files.atomic_save_json({"student_top1": 1.0}, str(path))
-
-    def crash(obj, f, **kwargs):
-        f.write('{"student_top1": ')
-        raise OSError("disk full")
-
-    monkeypatch.setattr(json, "dump", crash)
-    with pytest.raises(OSError, match="disk full"):
-        run_files.atomic_save_json({"student_top1": 2.0}, str(path))
-    monkeypatch.undo()
-    assert json.loads(path.read_text()) == {"student_top1": 1.0}

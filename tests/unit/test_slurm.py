@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from utils.errors import UserError
-from utils.reproduce import Cell, main
-from utils.slurm import JOBS_FILE, CellJob, cell_status, parse_time, slurm_settings, torchrun_env
+from utils.sweeps.cells import Cell
+from utils.sweeps.reproduce import main
+from utils.sweeps.slurm import JOBS_FILE, CellJob, cell_status, parse_time, slurm_settings, torchrun_env
+from utils.system.errors import UserError
 
 from ..e2e.test_reproduce import write_plan
 

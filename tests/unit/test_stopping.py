@@ -3,8 +3,8 @@ import signal
 
 import pytest
 
-from utils.stopping import STOP_SIGNALS, StopRequest
-from utils.workers import ignore_stop_signals
+from utils.data.workers import ignore_stop_signals
+from utils.system.stopping import STOP_SIGNALS, StopRequest
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import utils.losses.synq as synq
-from utils.config import load_options
-from utils.losses import NonFiniteLossError, kd_loss
-from utils.losses.synq import lowpass
+import utils.training.losses.synq as synq
 from utils.models import build_teacher
-from utils.trainer import LOSS_NAMES, Trainer
+from utils.runs.config import load_options
+from utils.training.losses import NonFiniteLossError, kd_loss
+from utils.training.losses.synq import lowpass
+from utils.training.trainer import LOSS_NAMES, Trainer
 
 from ..conftest import CIFAR10_CONF
 

@@ -11,7 +11,7 @@ LEFT_RUNNING = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     import torch
-    from utils.workers import WorkerLoader
+    from utils.data.workers import WorkerLoader
 
     loader = WorkerLoader(torch.arange(64), batch_size=4, num_workers=2, persistent_workers={persistent})
     iterator = iter(loader)
@@ -39,7 +39,7 @@ def test_loader_workers_leave_the_stop_signals_to_the_main_process():
         import os, sys
         sys.path.insert(0, {ROOT!r})
         import torch
-        from utils.workers import WorkerLoader
+        from utils.data.workers import WorkerLoader
 
         class Dispositions(torch.utils.data.Dataset):
             def __len__(self):
@@ -64,7 +64,7 @@ def test_a_worker_that_missed_its_shutdown_is_killed_at_exit():
         import sys
         sys.path.insert(0, {ROOT!r})
         import torch
-        from utils.workers import WorkerLoader
+        from utils.data.workers import WorkerLoader
 
         loader = WorkerLoader(torch.arange(64), batch_size=4, num_workers=2, persistent_workers=True)
         iterator = iter(loader)

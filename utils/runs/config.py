@@ -1,0 +1,372 @@
+"""Typed, validated run configuration, read from a hocon file plus ``--set key=value`` overrides.
+
+Keys keep the spellings of the official GranQ configs (``qw``, ``lr_S``, ``batchSize``) so that
+published configs load unchanged. Unknown keys are rejected with the list of valid ones.
+
+A network named by pytorchcv or torchvision fixes its dataset, class count and input size. Where the config
+leaves ``dataset``, ``nClasses`` or ``img_size`` out they come from the name; ``dataset`` and ``nClasses``
+that the config sets must agree with it, while ``img_size`` (the generated images' size) is taken as given
+and checked when the teacher is built. A user's ``MODULE:FUNCTION`` model takes all three from the config.
+"""
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+
+from pyhocon import ConfigFactory, HOCONConverter
+
+from quantization_utils import ACT_TYPES, DEFAULT_ACT_TYPES, GRANQ_IMPLS, act_quantizer_names
+from quantization_utils.functional import MAX_BITS, MIN_BITS, WEIGHT_GRANULARITIES
+
+from ..data.eval_cache import EVAL_CACHE_MODES
+from ..models import get_model_spec
+from ..system.errors import ConfigError, UserError
+from ..training.losses import input_filter_names, student_loss_names
+from ..training.optim import LR_POLICIES
+
+__all__ = ["DATASET_CLASSES", "GENERATORS", "LEGACY_KEYS", "Options", "RECIPES_DIR", "load_options", "load_recipe",
+           "parse_override", "recipe_names"]
+
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+GENERATORS = ("label_embedding", "conditional_bn")
+NETWORKS = ("S", "G")  # the suffixes of the student's and the generator's optimiser keys
+OPTIMIZERS = ("SGD", "Adam")
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "recipes")
+
+# Keys of the official configs that have no effect here; accepted so published configs still load.
+LEGACY_KEYS = {
+    "nGPU": "use torchrun for several GPUs",
+    "visible_devices": "set CUDA_VISIBLE_DEVICES instead",
+    "alpha": "the official code never uses it",
+    "fd_temperature": "the feature-distillation loss it belongs to is never used by the official code; the "
+                      "attention term of student_losses reads attention_temperature",
+}
+
+
+@dataclass
+class Options:
+    # General
+    save_path: str = "./save_cifar10/"
+    dataPath: str = ""
+    dataset: str = "cifar10"
+    network: str = "resnet20_cifar10"
+    GPU: int = 0  # CUDA device index when CUDA is available
+    nGPU: int = 1
+    visible_devices: str = ""
+    nThreads: int = 8  # data loader workers for evaluation
+    deterministic: bool = False  # true: the same --id gives the same run on CUDA too, slower (utils/system/devices.py)
+    experimentID: str = "cifar10_3bit"
+    nClasses: int = 10
+    # Student optimisation
+    nEpochs: int = 200
+    iters_per_epoch: int = 200
+    batchSize: int = 16
+    momentum: float = 0.9
+    weightDecay: float = 1e-4
+    opt_type: str = "SGD"
+    warmup_epochs: int = 4
+    # Learning-rate schedules of the student (_S) and the generator (_G); see schedule()
+    lr_S: float = 1e-4
+    lr_G: float = 1e-3
+    lrPolicy_S: str = "multi_step"
+    lrPolicy_G: str = "multi_step"
+    step_S: list[int] = field(default_factory=lambda: [100, 200, 300])
+    step_G: list[int] = field(default_factory=lambda: [100, 200, 300])
+    decayRate_S: float = 0.1
+    decayRate_G: float = 0.1
+    # Quantization
+    qw: int = 3
+    qa: int = 3
+    act_mode: str = "granq"
+    weight_granularity: str = "kernel"
+    act_range_epochs: int = 4  # layerwise / channel ranges are tracked during these first epochs, then frozen
+    granq_impl: str = "auto"  # auto: compiled where torch.compile works, else eager
+    act_types: list[str] = field(default_factory=lambda: list(DEFAULT_ACT_TYPES))  # activations followed by a QuantAct
+    # Generator losses
+    alpha_ds: float = 0.2
+    alpha_as: float = 0.1
+    lambda_l: float = 0.1
+    lambda_u: float = 0.8
+    beta: float = 1.0
+    gamma: float = 1.0
+    # Distillation
+    temperature: float = 20.0
+    alpha: float = 1.0
+    fd_temperature: float = 8.0
+    # The student's loss: registered terms (utils/losses, docs/addons.md) and the filter of its input images.
+    # Defaults are the papers'; the dataset-specific ones are set in the CIFAR and ImageNet configs.
+    recipe: str = ""  # a named set of the keys below, recipes/NAME.hocon (or a path); see load_options
+    student_losses: list[str] = field(default_factory=lambda: ["kd"])
+    student_input_filter: str = "none"  # none | lowpass
+    lowpass_d0: float = 80.0  # SynQ: the low-pass cut-off radius at 224 px, scaled with the image size
+    attention_weight: float = 1000.0  # AKT
+    attention_temperature: float = 8.0  # AKT
+    cam_weight: float = 200.0  # SynQ (its ImageNet 3-bit script: 50)
+    reliable_ce_weight: float = 0.5  # SynQ's scripts
+    reliable_ce_tau: float = 0.5  # SynQ (0.7 on CIFAR-10)
+    pseudo_label_upper: float = 0.5  # PLF, CIFAR (ImageNet: 0.4)
+    pseudo_label_lower: float = 0.2  # PLF, CIFAR (ImageNet: 0.1)
+    pseudo_label_beta: float = 0.3  # PLF, CIFAR (ImageNet: 0.5)
+    pseudo_label_weight: float = 1.0
+    # Generator
+    generator: str = ""  # label_embedding | conditional_bn; empty: by dataset
+    latent_dim: int = 100
+    img_size: int = 32
+    channels: int = 3
+    b1: float = 0.5
+    b2: float = 0.999
+    # Teacher and data
+    teacher_weights: str = ""  # "": published weights; a path or URL; "random": tests only
+    norm_mean: list[float] = field(default_factory=list)  # empty: the dataset's
+    norm_std: list[float] = field(default_factory=list)
+    test_batch_size: int = 200
+    eval_cache: str = "auto"  # auto | off | a directory: the test set decoded once (utils/data/eval_cache.py)
+    eval_every: int = 1  # evaluate every this many epochs, and always after the last
+    eval_start_epoch: int = 0  # no evaluation before this (0-based) epoch, except after the last
+    # Output
+    log_interval: int = 50  # iterations between progress lines
+    tensorboard: bool = False
+
+    def validate(self) -> "Options":
+        """Check every value once; raise ConfigError naming the key and the fix."""
+        for key in ("qw", "qa"):
+            value = getattr(self, key)
+            if not MIN_BITS <= value <= MAX_BITS:
+                raise ConfigError(f"{key} = {value} is out of range: bit-widths from {MIN_BITS} to {MAX_BITS} "
+                                  f"are supported")
+        _choice(self, "dataset", tuple(DATASET_CLASSES))
+        _choice(self, "act_mode", act_quantizer_names())
+        _choice(self, "weight_granularity", WEIGHT_GRANULARITIES)
+        for net in NETWORKS:
+            _choice(self, f"lrPolicy_{net}", LR_POLICIES)
+        _choice(self, "opt_type", OPTIMIZERS)
+        _choice(self, "granq_impl", GRANQ_IMPLS)
+        if self.generator:
+            _choice(self, "generator", GENERATORS)
+        if not self.act_types:
+            raise ConfigError(f"act_types = [] names no activation; choose from: {', '.join(ACT_TYPES)}")
+        for kind in self.act_types:
+            if kind not in ACT_TYPES:
+                raise ConfigError(f"act_types = {self.act_types}: {kind!r} is not valid; choose from: "
+                                  f"{', '.join(ACT_TYPES)}")
+        try:
+            spec = get_model_spec(self.network)
+        except UserError as error:
+            raise ConfigError(str(error)) from None
+        if spec.dataset is not None and spec.dataset != self.dataset:
+            raise ConfigError(f"network {self.network!r} is a {spec.dataset} model but dataset = {self.dataset!r}")
+        if spec.num_classes is not None and self.nClasses != spec.num_classes:
+            raise ConfigError(f"nClasses = {self.nClasses} disagrees with network {self.network!r} and dataset "
+                              f"{self.dataset!r}, which have {spec.num_classes} classes")
+        _at_least(self, "nClasses", 2)
+        for key in ("nEpochs", "warmup_epochs", "act_range_epochs", "nThreads", "GPU", "eval_start_epoch"):
+            _at_least(self, key, 0)
+        for key in ("iters_per_epoch", "batchSize", "latent_dim", "test_batch_size", "eval_every", "log_interval"):
+            _at_least(self, key, 1)
+        for key in ("lr_S", "lr_G", "temperature"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} = {getattr(self, key)} must be positive")
+        if self.img_size % 4 or self.img_size <= 0:
+            raise ConfigError(f"img_size = {self.img_size} must be a positive multiple of 4 "
+                              f"(the generator upsamples twice)")
+        if self.channels != 3:
+            raise ConfigError(f"channels = {self.channels}: the teachers take RGB images, set channels = 3")
+        if not 0 <= self.lambda_l <= self.lambda_u <= 1:
+            raise ConfigError(f"lambda_l = {self.lambda_l} and lambda_u = {self.lambda_u} must satisfy "
+                              f"0 <= lambda_l <= lambda_u <= 1")
+        for key in ("norm_mean", "norm_std"):
+            value = getattr(self, key)
+            if value and len(value) != self.channels:
+                raise ConfigError(f"{key} = {value} needs {self.channels} values, one per channel, or [] for the "
+                                  f"dataset's default")
+        if any(s <= 0 for s in self.norm_std):
+            raise ConfigError(f"norm_std = {self.norm_std} must be positive")
+        if self.eval_cache not in EVAL_CACHE_MODES:
+            # A path must look like one, so that a mistyped word ("false", "none") is not taken for a folder.
+            if not (os.sep in self.eval_cache or self.eval_cache.startswith("~")):
+                raise ConfigError(f"eval_cache = {self.eval_cache!r} is not valid: auto (the default cache "
+                                  f"folder), off, or a directory path such as ./eval_cache")
+            if os.path.isfile(os.path.expanduser(self.eval_cache)):
+                raise ConfigError(f"eval_cache = {self.eval_cache!r} is a file: give a directory, auto or off")
+        self._validate_student_losses()
+        return self
+
+    def _validate_student_losses(self) -> None:
+        if not self.student_losses:
+            raise ConfigError(f"student_losses = [] names no term; choose from: {', '.join(student_loss_names())}")
+        for name in self.student_losses:
+            if name not in student_loss_names():
+                raise ConfigError(f"student_losses = {self.student_losses}: {name!r} is not a registered term; "
+                                  f"choose from: {', '.join(student_loss_names())}")
+        if len(set(self.student_losses)) != len(self.student_losses):
+            raise ConfigError(f"student_losses = {self.student_losses} lists a term twice")
+        _choice(self, "student_input_filter", input_filter_names())
+        for key in ("lowpass_d0", "attention_temperature"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} = {getattr(self, key)} must be positive")
+        for key in ("attention_weight", "cam_weight", "reliable_ce_weight", "pseudo_label_beta", "pseudo_label_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} = {getattr(self, key)} must be at least 0")
+        if not 0 < self.reliable_ce_tau <= 1:
+            raise ConfigError(f"reliable_ce_tau = {self.reliable_ce_tau} must be in (0, 1]: a difficulty "
+                              f"1 - p(label) below it marks an easy sample")
+        if not 0 <= self.pseudo_label_lower <= self.pseudo_label_upper <= 1:
+            raise ConfigError(f"pseudo_label_lower = {self.pseudo_label_lower} and pseudo_label_upper = "
+                              f"{self.pseudo_label_upper} must satisfy 0 <= lower <= upper <= 1 (normalised entropy)")
+
+    def schedule(self, net: str) -> tuple[float, str, list[int], float]:
+        """(base rate, policy, steps, decay) of the student (``net = "S"``) or the generator (``"G"``)."""
+        return (getattr(self, f"lr_{net}"), getattr(self, f"lrPolicy_{net}"), getattr(self, f"step_{net}"),
+                getattr(self, f"decayRate_{net}"))
+
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether the student is evaluated after ``epoch`` (0-based): always after the last one."""
+        last = epoch == self.nEpochs - 1
+        return last or (epoch >= self.eval_start_epoch and (epoch + 1) % self.eval_every == 0)
+
+    @property
+    def generator_kind(self) -> str:
+        if self.generator:
+            return self.generator
+        return "conditional_bn" if self.dataset == "imagenet" else "label_embedding"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_hocon(self) -> str:
+        return HOCONConverter.to_hocon(ConfigFactory.from_dict(self.to_dict())) + "\n"
+
+
+def _choice(options: Options, key: str, allowed) -> None:
+    value = getattr(options, key)
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _at_least(options: Options, key: str, minimum: int) -> None:
+    value = getattr(options, key)
+    if value < minimum:
+        raise ConfigError(f"{key} = {value} must be at least {minimum}")
+
+
+_FIELD_TYPES = typing.get_type_hints(Options)
+VALID_KEYS = tuple(f.name for f in dataclasses.fields(Options))
+
+
+def _type_name(kind) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            list[int]: "a list of integers", list[float]: "a list of numbers", list[str]: "a list of strings"}[kind]
+
+
+def _coerce(key: str, value):
+    """Check ``value`` against the declared type of ``key``; ints are accepted where floats are."""
+    kind = _FIELD_TYPES[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str, bool):
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    else:
+        item = typing.get_args(kind)[0]
+        ok = isinstance(value, list) and all(
+            isinstance(v, (int, float) if item is float else item) and not isinstance(v, bool) for v in value)
+        if ok and item is float:
+            value = [float(v) for v in value]
+    if not ok:
+        raise ConfigError(f"{key} must be {_type_name(kind)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_known(keys) -> None:
+    unknown = [k for k in keys if k not in VALID_KEYS]
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(sorted(VALID_KEYS))}")
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """Parse one ``key=value`` override; the value is read according to the key's type.
+
+    Strings are taken verbatim (paths and URLs need no quoting); numbers, booleans and lists are
+    parsed as hocon/JSON values, so ``step_S=[100,200]`` and ``lr_S=1e-4`` work.
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    _check_known([key])
+    kind = _FIELD_TYPES[key]
+    if kind is str:
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+            raw = raw[1:-1]
+        return key, raw
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        try:
+            value = ConfigFactory.parse_string(f"v = {raw}")["v"]
+        except Exception:  # pyhocon raises its own and pyparsing's exceptions
+            raise ConfigError(f"{key} must be {_type_name(kind)}, got {raw!r}") from None
+    return key, _coerce(key, value)
+
+
+def _read_hocon(path: str, what: str) -> dict:
+    try:
+        tree = ConfigFactory.parse_file(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path!r} does not exist") from None
+    except Exception as error:  # pyhocon raises its own and pyparsing's exceptions
+        raise ConfigError(f"{what} {path!r} cannot be parsed: {error}") from None
+    values = dict(tree.as_plain_ordered_dict())
+    _check_known(values)
+    return {key: _coerce(key, value) for key, value in values.items()}
+
+
+def recipe_names() -> list[str]:
+    """The recipes in ``recipes/``, by name."""
+    if not os.path.isdir(RECIPES_DIR):
+        return []
+    return sorted(name[:-len(".hocon")] for name in os.listdir(RECIPES_DIR) if name.endswith(".hocon"))
+
+
+def load_recipe(name: str) -> dict:
+    """The keys of recipe ``name``: ``recipes/NAME.hocon``, or a hocon file at the path ``name``."""
+    path = name if name.endswith(".hocon") else os.path.join(RECIPES_DIR, f"{name}.hocon")
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe = {name!r}: no such recipe; choose from: {', '.join(recipe_names())} "
+                          f"(recipes/NAME.hocon), or give the path of a .hocon file")
+    values = _read_hocon(path, "recipe file")
+    if "recipe" in values:
+        raise ConfigError(f"recipe file {path!r} sets recipe itself; a recipe cannot name another")
+    return values
+
+
+def load_options(conf_path: str, overrides: typing.Iterable[str] = (), **explicit) -> Options:
+    """Read ``conf_path``, apply ``--set`` overrides, then ``explicit`` values that are not None.
+
+    ``recipe = NAME`` (in the file or an override) adds the keys of :func:`load_recipe` beneath the config file's:
+    they replace the defaults, while the file's own keys, ``--set`` and ``explicit`` still win. So a recipe picks
+    the terms and the settings the dataset configs leave open, the dataset configs keep their paper values, and a
+    resolved ``config.hocon`` (which records the recipe's name with every value) loads to the same options.
+    """
+    file_values = _read_hocon(conf_path, "config file")
+    given = dict(parse_override(text) for text in overrides)
+    given.update({key: _coerce(key, value) for key, value in explicit.items() if value is not None})
+    recipe = given.get("recipe", file_values.get("recipe", ""))
+    values = {**(load_recipe(recipe) if recipe else {}), **file_values, **given}
+    return Options(**_network_defaults(values)).validate()
+
+
+def _network_defaults(values: dict) -> dict:
+    """``values`` with ``dataset``, ``nClasses`` and ``img_size`` from the network's name where they are absent."""
+    try:
+        spec = get_model_spec(values.get("network", Options.network))
+    except UserError:
+        return values  # validate() names the problem
+    defaults = {"dataset": spec.dataset, "nClasses": spec.num_classes, "img_size": spec.image_size}
+    return {**{key: value for key, value in defaults.items() if value is not None}, **values}
+
+
+def options_from_dict(values: dict) -> Options:
+    """Rebuild validated options from :meth:`Options.to_dict` output (e.g. a checkpoint)."""
+    _check_known(values)
+    return Options(**{key: _coerce(key, value) for key, value in values.items()}).validate()
