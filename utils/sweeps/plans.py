@@ -57,7 +57,7 @@ class Plan:
     seeds: tuple[int, ...]
     overrides: tuple[str, ...]
     save_path: str
-    slurm: dict = dataclasses.field(default_factory=dict)  # checked: utils.slurm.slurm_settings
+    slurm: dict = dataclasses.field(default_factory=dict)  # checked: utils.sweeps.slurm.slurm_settings
     variants: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, overrides); none: cells keep their old names
     per_config: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()  # (stem, variant names, overrides)
 
