@@ -71,9 +71,9 @@ def test_on_is_refused_where_it_cannot_be_had(monkeypatch):
 @pytest.mark.parametrize("mode, recorded", [("auto", "eager: no CUDA device"), ("off", "eager: cuda_graph = off")])
 def test_a_cpu_run_is_eager_and_its_summary_says_why(tmp_path, mode, recorded):
     trainer = make_trainer(tmp_path)
-    trainer.run_step = None
+    trainer.graphed_step = object()  # whatever was there: the decision replaces it
     assert use_cuda_graphs(trainer, mode) == recorded
-    assert trainer.run_step == trainer.step
+    assert trainer.graphed_step is None
     assert trainer.summary()["cuda_graph"] == recorded
 
 
@@ -140,11 +140,12 @@ def test_the_self_check_catches_a_capture_that_changes_what_is_computed(tmp_path
 def test_a_run_that_cannot_graph_falls_back_or_stops(tmp_path, monkeypatch):
     """The decision on a CUDA device, its self-check replaced by one that differs or fails (no GPU needed)."""
     trainer = make_trainer(tmp_path)
+    trainer.graphed_step = object()
     monkeypatch.setattr(graphs, "eager_reason", lambda mode, device: None)
     monkeypatch.setattr(graphs, "self_check", lambda *args, **kwargs: ["student step: student.w: max |difference| 1"])
     assert use_cuda_graphs(trainer, "auto") == "eager: self-check differed (student step: student.w: max " \
                                                 "|difference| 1)"
-    assert trainer.run_step == trainer.step
+    assert trainer.graphed_step is None
     with pytest.raises(UserError, match=r"cuda_graph = on: self-check differed .*set cuda_graph = auto"):
         use_cuda_graphs(trainer, "on")
 

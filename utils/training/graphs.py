@@ -309,7 +309,7 @@ def self_check(trainer, make_candidate, kinds=None, count: int = WARMUP_ITERATIO
 
 
 def use_cuda_graphs(trainer, mode: str) -> str:
-    """Decide how ``trainer`` runs its iterations and set ``trainer.run_step``; return (and record in
+    """Decide how ``trainer`` runs its iterations and set ``trainer.graphed_step``; return (and record in
     ``trainer.meta["cuda_graph"]``, which the summary holds) ``"graphed"`` or ``"eager: WHY"``.
 
     ``on`` raises :class:`UserError` where ``auto`` falls back to eager with one warning."""
@@ -332,7 +332,7 @@ def use_cuda_graphs(trainer, mode: str) -> str:
             logger.info("cuda_graph: graphed; %d kind(s) of iteration checked against eager (%s)", len(kinds),
                         "bit for bit" if tolerance == 0 else f"tolerance {tolerance:g}")
     trainer.meta["cuda_graph"] = reason or "graphed"
-    trainer.run_step = trainer.step if reason else GraphedStep(trainer, on_failure=_fall_back(trainer, mode))
+    trainer.graphed_step = None if reason else GraphedStep(trainer, on_failure=_fall_back(trainer, mode))
     return trainer.meta["cuda_graph"]
 
 
@@ -348,7 +348,7 @@ def _fall_back(trainer, mode: str):
         failure = f"capture failed at epoch {trainer.epoch + 1} ({_first_line(error)})"
         _refuse_or_warn(mode, failure)
         trainer.meta["cuda_graph"] = f"eager: {failure}"
-        trainer.run_step = trainer.step
+        trainer.graphed_step = None
         return trainer.step(train_student)
     return fall_back
 

@@ -70,7 +70,7 @@ class Trainer:
         # (evaluating, its loader's workers, resuming) can move it.
         self.noise = noise_generator(meta.get("seed", 0), distributed.rank(), device)  # benchmarks pass no seed
         self.progress_tensor = device_scalar(device)  # CUDA: the student's progress, set in set_learning_rates
-        self.run_step = self.step  # what train_epoch calls: this step or its CUDA graph (graphs.use_cuda_graphs)
+        self.graphed_step = None  # what train_epoch calls instead of step: its CUDA graph (graphs.use_cuda_graphs)
         # The student's loss: the registered terms of student_losses; hooks only for the layers they read.
         self.student_losses = build_student_losses(options, self.teacher)
         self.features = FeatureCapture({"teacher": self.teacher, "student": self.student},
@@ -189,7 +189,7 @@ class Trainer:
         single = not distributed.is_distributed()
         for it in range(self.iteration, o.iters_per_epoch):
             self.set_learning_rates(epoch, it)  # constant within an epoch but for cosine schedules
-            self.history[it] = self.run_step(train_student=epoch >= o.warmup_epochs)
+            self.history[it] = (self.graphed_step or self.step)(train_student=epoch >= o.warmup_epochs)
             self.iteration = it + 1
             # Losses come back to the host once per interval. Under torchrun, ranks agree on stopping
             # only at these points, so that they all run the same number of collective steps.
