@@ -150,13 +150,30 @@ def test_a_run_that_cannot_graph_falls_back_or_stops(tmp_path, monkeypatch):
         use_cuda_graphs(trainer, "on")
 
     def refused(*args, **kwargs):
-        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        raise graphs.CaptureError("student step: operation not permitted when stream is capturing")
 
     monkeypatch.setattr(graphs, "self_check", refused)
-    assert use_cuda_graphs(trainer, "auto") == "eager: capture failed (operation not permitted when stream is " \
-                                                "capturing)"
+    assert use_cuda_graphs(trainer, "auto") == "eager: capture failed (student step: operation not permitted " \
+                                                "when stream is capturing)"
     with pytest.raises(UserError, match="cuda_graph = on: capture failed"):
         use_cuda_graphs(trainer, "on")
+
+
+def test_a_failing_candidate_is_a_capture_error_and_the_trainer_is_put_back(tmp_path):
+    trainer = make_trainer(tmp_path)
+    before = snapshot(trainer)
+    calls = []
+
+    def failing(train_student=True):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\ndetails")
+        return trainer.step(train_student)
+
+    with pytest.raises(graphs.CaptureError, match="^warm-up: CUDA error: operation not permitted when stream is "
+                                                  "capturing$"):
+        self_check(trainer, lambda: failing, count=COUNT)
+    assert compare_states(before, before, snapshot(trainer)) == []
 
 
 def test_a_checkpoint_keeps_the_values_and_the_run_keeps_its_optimizer(tmp_path):

@@ -32,7 +32,7 @@ from ..system.errors import UserError
 from .checkpoints import capture_rng
 from .optim import load_optimizer_state
 
-__all__ = ["CHECK_ITERATIONS", "CUDA_GRAPH_MODES", "TOLERANCE", "WARMUP_ITERATIONS", "GraphedStep",
+__all__ = ["CHECK_ITERATIONS", "CUDA_GRAPH_MODES", "TOLERANCE", "WARMUP_ITERATIONS", "CaptureError", "GraphedStep",
            "check_cuda_graph", "compare_states", "eager_reason", "iteration_kinds", "restore", "run_iterations",
            "self_check", "snapshot", "use_cuda_graphs"]
 
@@ -46,6 +46,10 @@ CHECK_ITERATIONS = 3  # graphed iterations per kind that the self-check compares
 # Reordered floating-point sums stay far inside it; a repeated latent, a frozen learning rate or a range that no
 # longer moves changes an update by its whole size.
 TOLERANCE = 1e-2
+
+
+class CaptureError(RuntimeError):
+    """The candidate of :func:`self_check` failed (a capture torch refused); the trainer was put back first."""
 
 
 def check_cuda_graph(mode: str, device: torch.device) -> None:
@@ -295,13 +299,17 @@ def self_check(trainer, make_candidate, kinds=None, count: int = WARMUP_ITERATIO
             label = f"{'student step' if train_student else 'warm-up'}{', tracking ranges' if tracking else ''}"
             expected = run_iterations(trainer, trainer.step, epoch, train_student, tracking, count)
             restore(trainer, saved)
-            candidate = make_candidate()
+            candidate, failure = make_candidate(), None
             try:
                 actual = run_iterations(trainer, candidate, epoch, train_student, tracking, count)
+            except Exception as error:  # reported once the trainer is back where it was
+                failure = error
             finally:
                 if hasattr(candidate, "release"):
                     candidate.release()
-                restore(trainer, saved)
+                restore(trainer, saved)  # if this fails, the run stops: it must not go on from a half state
+            if failure is not None:
+                raise CaptureError(f"{label}: {_first_line(failure)}") from failure
             differences += [f"{label}: {line}" for line in compare_states(saved, expected, actual, tolerance)]
     finally:
         restore(trainer, saved)
@@ -323,8 +331,8 @@ def use_cuda_graphs(trainer, mode: str) -> str:
             differences = self_check(trainer, lambda: GraphedStep(trainer), kinds, tolerance=tolerance)
             failure = (f"self-check differed ({'; '.join(differences[:3])}"
                        f"{f'; {len(differences) - 3} more' if len(differences) > 3 else ''})" if differences else None)
-        except Exception as error:  # capture refused: an operation the graph cannot hold
-            failure = f"capture failed ({_first_line(error)})"
+        except CaptureError as error:  # capture refused: an operation the graph cannot hold
+            failure = f"capture failed ({error})"
         if failure is not None:
             _refuse_or_warn(mode, failure)
             reason = f"eager: {failure}"
