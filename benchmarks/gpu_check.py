@@ -1,6 +1,6 @@
 """The GPU check: every check and figure of the GPU section of docs/speed.md, one step after the other.
 
-    bash benchmarks/gpu_check.sh [--device cuda|cpu] [--quick] [--results DIR]
+    bash benchmarks/gpu_check.sh [--device cuda|cpu] [--quick] [--results DIR] [--steps STEP ... | --only STEP]
 
 Steps, each in its own process; a step that fails or runs out of time is reported and the next one runs:
 
@@ -11,11 +11,24 @@ Steps, each in its own process; a step that fails or runs out of time is reporte
    temporary folder) that is labelled with its own predictions, so that a student's accuracy is neither
    chance nor 100 % and moves with its weights;
 3. ``cli_compiled``: the same with ``granq_impl = compiled`` (no eager fallback): it must also run compiled;
-4. ``train_step``: ``train_step.py``: seconds per iteration, peak memory and granq_path; CUDA: CIFAR-10
-   (batch 16), CIFAR-100 (batch 200), ImageNet ResNet-18 and ResNet-50 (batch 16);
-5. ``quantizer_speed``: ``quantizer_speed.py``;
-6. ``eval_throughput``: ``eval_throughput.py``: the decoding and the cached test loader and the models; the
-   cached batches must equal the decoded ones.
+4. ``graph_probe``: ``graph_probe.py``: graphed against eager iterations, value by value, for every mode (on the
+   CPU eager against eager, which checks the comparison only); fails where they differ;
+5. ``train_step``: ``train_step.py``: seconds per iteration, peak memory and granq_path; CUDA: CIFAR-10
+   (batch 16), CIFAR-100 (batch 200), ImageNet ResNet-18 and ResNet-50 (batch 16), the ``granq graphed``
+   student included;
+6. ``quantizer_speed``: ``quantizer_speed.py``;
+7. ``eval_throughput``: ``eval_throughput.py``: the decoding and the cached test loader and the models; the
+   cached batches must equal the decoded ones;
+8. ``full_run``: the official CIFAR-10 W3A3 run (``CIFAR/cifar10_resnet20a.hocon``: 200 epochs x 200 iterations,
+   batch 16, the option-A teacher) with ``cuda_graph = auto``, on the shared teacher weights and JPEG test set
+   that ``benchmarks/prepare_gpu_data.sh`` copies into ``.gpu_data/`` (ignored by git; ``../shared`` is not
+   beside the project on a GPU machine). It must finish within FULL_RUN_CAP seconds; if not, it is stopped and
+   its JSON records the iterations done and the projected wall time, and the step fails. ``--quick``: 2 epochs
+   of 2 iterations on the synthetic test set of ``cli``.
+
+On CUDA the whole check takes two commands of under 9 minutes each (docs/speed.md, GPU):
+``--steps exactness cli cli_compiled graph_probe train_step quantizer_speed eval_throughput``, then
+``--only full_run``; a later command keeps the other steps' records in ``gpu_check_DEVICE.json``.
 
 Each step writes ``STEP_DEVICE.json`` (``STEP_quick_DEVICE.json`` with ``--quick``, so that a quick run never
 replaces full figures) into ``--results``, else ``$RESULTS_DIR``, else ``benchmarks/results``; the steps'
@@ -46,6 +59,12 @@ from benchmarks.common import describe, environment  # noqa: E402
 
 TARGET_SECONDS = 8 * 60  # on one H100
 CIFAR10_CONF = os.path.join(ROOT, "CIFAR", "cifar10_resnet20.hocon")
+CIFAR10A_CONF = os.path.join(ROOT, "CIFAR", "cifar10_resnet20a.hocon")
+GPU_DATA = os.path.join(ROOT, ".gpu_data")  # benchmarks/prepare_gpu_data.sh fills it
+FULL_RUN_TEST_SET = os.path.join(GPU_DATA, "cifar10-test-jpeg", "test")
+FULL_RUN_WEIGHTS = os.path.join(GPU_DATA, "weights", "akamaster_resnet20-12fca82f.th")
+FULL_RUN_CAP = 480  # seconds: the run and its evaluations, so that `--only full_run` stays under 9 minutes
+FULL_RUN_TARGET = 300  # seconds, issue 22
 
 
 class StepFailed(Exception):
@@ -53,16 +72,20 @@ class StepFailed(Exception):
 
 
 class Check:
-    def __init__(self, device: str, quick: bool, results: str):
+    def __init__(self, device: str, quick: bool, results: str, keep_others: bool = False):
         self.device, self.quick, self.results = device, quick, results
         self.suffix = f"{'_quick' if quick else ''}_{device}"
         os.makedirs(results, exist_ok=True)
         self.log_path = os.path.join(results, f"gpu_check{self.suffix}.log")
         self.summary_path = os.path.join(results, f"gpu_check{self.suffix}.json")
         self.steps: list[dict] = []
+        # --only / --steps: the records of the steps not run now stay, from the summary of an earlier command
+        self.earlier: list[dict] = []
+        if keep_others and os.path.isfile(self.summary_path):
+            self.earlier = load(self.summary_path).get("steps", [])
         self.env = environment([torch.device(device)] if device == "cuda" else [])
         self.started = time.time()
-        with open(self.log_path, "w") as log:
+        with open(self.log_path, "a" if keep_others else "w") as log:
             log.write(describe(self.env) + "\n")
 
     def json_path(self, step: str) -> str:
@@ -107,9 +130,12 @@ class Check:
         self.write_summary()
 
     def write_summary(self) -> None:
+        now = {record["step"] for record in self.steps}
+        steps = sorted([r for r in self.earlier if r["step"] not in now] + self.steps,
+                       key=lambda r: list(STEPS).index(r["step"]) if r["step"] in STEPS else len(STEPS))
         with open(self.summary_path, "w") as f:
             json.dump({"environment": self.env, "device": self.device, "quick": self.quick,
-                       "seconds": round(time.time() - self.started, 1), "steps": self.steps}, f, indent=1)
+                       "seconds": round(time.time() - self.started, 1), "steps": steps}, f, indent=1)
 
 
 def _children_cpu_seconds() -> float:
@@ -229,8 +255,9 @@ def train_step(check: Check) -> dict:
         memory = r["memory"].get("granq", {}).get("peak_mib")
         rows[f"{r['setting']} b{r['batch']}"] = {"seconds": r["seconds"], "peak_mib": memory,
                                                  "granq_path": r["granq_path"]}
-    text = "; ".join(f"{k}: granq {v['seconds']['granq']:.4f} s" + (f", {v['peak_mib']:.0f} MiB" if v["peak_mib"]
-                                                                   else "") for k, v in rows.items())
+    text = "; ".join(f"{k}: granq {v['seconds']['granq']:.4f} s"
+                     + (f", graphed {v['seconds']['granq graphed']:.4f} s" if "granq graphed" in v["seconds"] else "")
+                     + (f", {v['peak_mib']:.0f} MiB" if v["peak_mib"] else "") for k, v in rows.items())
     return {"json": path, "settings": rows, "result": text}
 
 
@@ -263,13 +290,95 @@ def eval_throughput(check: Check) -> dict:
             + f"; cached/decode {row['ratio']}x, exact, cache on {result['cache_on']}"}
 
 
+def graph_probe(check: Check) -> dict:
+    path = check.json_path("graph_probe")
+    args = ["benchmarks/graph_probe.py", "--device", check.device, "--json", path]
+    if check.quick and check.device == "cpu":  # one mode, small, eager quantizers: the comparison is what is checked
+        args += ["--modes", "default", "--batch", "4", "--granq-impl", "eager", "--no-faults"]
+    check.run(args, 400, "graph_probe.py", allowed=(0, 1))
+    result = load(path)
+    differing = {r.get("fault") or r["mode"]: len(r["differences"]) for r in result["results"]}
+    if check.returncode == 1:
+        raise StepFailed(f"graph_probe.py: {', '.join(result['failed'])} failed ({differing}); see {path}")
+    compared = "graphed against eager" if result["graphed"] else "eager against eager (no CUDA: no graph)"
+    modes = [r["mode"] for r in result["results"] if "fault" not in r]
+    caught = [r["fault"] for r in result["results"] if "fault" in r]
+    return {"json": path, "graphed": result["graphed"], "differences": differing,
+            "result": f"{compared}: 0 values differ in {', '.join(modes)}"
+                      + (f"; stand-ins caught: {', '.join(caught)}" if caught else "")}
+
+
+def full_run(check: Check) -> dict:
+    """The official CIFAR-10 W3A3 run with cuda_graph = auto: wall time and accuracies (quick: 2 x 2 iterations)."""
+    with tempfile.TemporaryDirectory() as root:
+        if check.quick:
+            test_set, weights = labelled_test_set(root, 40)
+            conf, sizes = CIFAR10_CONF, ["nEpochs=2", "iters_per_epoch=2", "batchSize=4", "nThreads=0"]
+        else:
+            if not (os.path.isdir(FULL_RUN_TEST_SET) and os.path.isfile(FULL_RUN_WEIGHTS)):
+                raise StepFailed(f"{FULL_RUN_TEST_SET} or {FULL_RUN_WEIGHTS} is missing: run "
+                                 f"`bash benchmarks/prepare_gpu_data.sh` beside ../shared/data first and take "
+                                 f".gpu_data/ to the GPU machine")
+            test_set, weights, conf, sizes = FULL_RUN_TEST_SET, FULL_RUN_WEIGHTS, CIFAR10A_CONF, ["nThreads=8"]
+        sets = [f"save_path={root}/runs", f"dataPath={test_set}", f"teacher_weights={weights}", "cuda_graph=auto",
+                f"eval_cache={root}/eval_cache", *sizes]
+        args = ["CIFAR/main.py", "--conf_path", conf, "--id", "1", "--qw", "3", "--qa", "3"]
+        for s in sets:
+            args += ["--set", s]
+        cap = 300 if check.quick else FULL_RUN_CAP
+        start = time.time()
+        try:
+            summary = json.loads(check.run(args, cap, "the full run").strip().splitlines()[-1])
+            record = {"finished": True}
+        except StepFailed as failure:
+            summary, record = None, {"finished": False, "reason": str(failure)}
+        wall = time.time() - start
+        metrics = _run_metrics(os.path.join(root, "runs"))
+    o = {"epochs": 2, "iters_per_epoch": 2} if check.quick else {"epochs": 200, "iters_per_epoch": 200}
+    record.update(config=os.path.relpath(conf, ROOT), wall_seconds=round(wall, 1), device=check.device,
+                  iters_per_epoch=o["iters_per_epoch"], target_wall_seconds=FULL_RUN_TARGET, cap_seconds=cap)
+    if summary is not None:
+        record.update({key: summary.get(key) for key in ("epochs", "student_top1", "best_top1", "teacher_top1",
+                                                         "cuda_graph", "device", "granq_path", "deterministic")})
+    else:  # stopped at its cap: what it did, and what the whole would take at that pace
+        done = len(metrics) * o["iters_per_epoch"]
+        record.update(epochs=len(metrics), iterations_done=done, cuda_graph=None,
+                      student_top1=metrics[-1].get("student_top1") if metrics else None,
+                      best_top1=metrics[-1].get("best_top1") if metrics else None,
+                      teacher_top1=metrics[-1].get("teacher_top1") if metrics else None,
+                      projected_wall_seconds=round(wall * o["epochs"] * o["iters_per_epoch"] / done, 1) if done
+                      else None)
+    path = check.json_path("full_run")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    if not record["finished"]:
+        raise StepFailed(f"stopped at its {cap} s cap after {record['epochs']} epochs ({record['iterations_done']} "
+                         f"iterations); projected {record['projected_wall_seconds']} s; see {path}")
+    return {"json": path, **{k: record[k] for k in ("wall_seconds", "student_top1", "best_top1", "cuda_graph")},
+            "result": f"{record['epochs']} epochs in {record['wall_seconds']} s, top-1 {record['student_top1']:.2f} "
+                      f"(best {record['best_top1']:.2f}, teacher {record['teacher_top1']:.2f}), cuda_graph "
+                      f"{record['cuda_graph']}"}
+
+
+def _run_metrics(save_path: str) -> list[dict]:
+    """The epoch records of the one run directory under ``save_path`` (none if there is none yet)."""
+    runs = [os.path.join(save_path, d) for d in os.listdir(save_path)] if os.path.isdir(save_path) else []
+    path = os.path.join(runs[0], "metrics.jsonl") if runs else ""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 STEPS = {
     "exactness": exactness,
     "cli": lambda check: cli_run(check, "auto"),
     "cli_compiled": lambda check: cli_run(check, "compiled"),
+    "graph_probe": graph_probe,
     "train_step": train_step,
     "quantizer_speed": quantizer_speed,
     "eval_throughput": eval_throughput,
+    "full_run": full_run,
 }
 
 
@@ -280,11 +389,15 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=os.environ.get("RESULTS_DIR") or os.path.join(ROOT, "benchmarks",
                                                                                          "results"),
                         help="folder for the JSON files and the log (default: $RESULTS_DIR, else benchmarks/results)")
-    parser.add_argument("--steps", nargs="+", choices=tuple(STEPS), default=list(STEPS), help="default: all")
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--steps", nargs="+", choices=tuple(STEPS), help="default: all")
+    chosen.add_argument("--only", choices=tuple(STEPS), help="run this one step on its own")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available (--device cpu --quick checks the script on the CPU)")
-    check = Check(args.device, args.quick, os.path.abspath(args.results))
+    some = bool(args.only or args.steps)
+    args.steps = [args.only] if args.only else args.steps or list(STEPS)
+    check = Check(args.device, args.quick, os.path.abspath(args.results), keep_others=some)
     print(describe(check.env), flush=True)
     print(f"torch {torch.__version__}; results and log in {check.results}", flush=True)
     for name in args.steps:

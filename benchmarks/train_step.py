@@ -12,6 +12,9 @@ by default, ``--students`` picks some; ``float`` is always measured, as the refe
 - ``float``: an unquantized copy of the teacher (the floor: what any zero-shot QAT step costs here);
 - ``granq``: GranQ activations and kernel-wise weights through the default fast path (``granq_impl = auto``);
 - ``granq eager``: the same with ``granq_impl = eager``;
+- ``granq graphed`` (CUDA only, and there by default): ``granq`` with the iteration replayed as a CUDA graph
+  (:class:`utils.training.graphs.GraphedStep`, as ``cuda_graph = auto`` runs it); its warm-up and capture are
+  untimed;
 - ``layerwise``: one moving-average activation range per layer (GDFQ; eager), weights as ``granq``;
 - ``granq+NAME`` (only when named): ``granq`` with a variant of ``tools/plans/addons_cpu.hocon`` (``attention``,
   ``cam``, ``reliable_ce``, ``pseudo_label``, ``lowpass``, ``all`` of them, the recipe ``plus``, ...): what each
@@ -57,6 +60,7 @@ from utils.models import build_teacher  # noqa: E402
 from utils.runs.config import load_options  # noqa: E402
 from utils.sweeps.plans import load_plan, resolve_plan  # noqa: E402
 from utils.system.devices import configure_backends  # noqa: E402
+from utils.training.graphs import WARMUP_ITERATIONS, GraphedStep  # noqa: E402
 from utils.training.trainer import Trainer  # noqa: E402
 
 SETTINGS = {
@@ -68,8 +72,9 @@ SETTINGS = {
 # An ImageNet training iteration takes seconds on a few CPU cores: measured there only when asked for.
 CPU_SETTINGS = ("cifar10", "cifar100")
 STUDENTS = {"float": [], "granq": ["granq_impl=auto"], "granq eager": ["granq_impl=eager"],
-            "layerwise": ["act_mode=layerwise"]}
-DEFAULT_STUDENTS = tuple(STUDENTS)
+            "layerwise": ["act_mode=layerwise"], "granq graphed": ["granq_impl=auto"]}
+DEFAULT_STUDENTS = ("float", "granq", "granq eager", "layerwise")  # and granq graphed on CUDA
+GRAPHED = "granq graphed"
 # GranQ students with the add-ons of docs/addons.md, measured only when named in --students: the cost of each term.
 # They are the variants of the ablation plan, so that the costs pair with its accuracies.
 ADDONS = {name: list(overrides) for name, overrides in load_plan(resolve_plan("addons_cpu")).variants
@@ -82,6 +87,11 @@ def student_path(student: str) -> str | None:
     if student == "float":
         return None
     return granq_path("eager" if student == "granq eager" else "auto")
+
+
+def untimed_iterations(student: str, warmup: int) -> int:
+    """Iterations before timing: ``warmup``, and for the graphed student its eager ones and its capture too."""
+    return warmup + (WARMUP_ITERATIONS + 1 if student == GRAPHED else 0)
 
 
 class FloatStudentTrainer(Trainer):
@@ -104,13 +114,15 @@ def make_trainer(setting: str, student: str, device: torch.device, run_dir: str,
             model.to(memory_format=torch.contiguous_format)
     trainer.set_learning_rates(0)
     set_act_tracking(trainer.student, True)  # as in the first act_range_epochs epochs
+    if student == GRAPHED:
+        trainer.graphed_step = GraphedStep(trainer)
     return trainer
 
 
 def timed_step(trainer: Trainer, device: torch.device) -> float:
     synchronize(device)
     start = time.perf_counter()
-    trainer.step(train_student=True)
+    (trainer.graphed_step or trainer.step)(train_student=True)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -135,8 +147,8 @@ def memory_worker(setting: str, student: str, device: torch.device, memory_forma
         trainer = make_trainer(setting, student, device, run_dir, memory_format)
         synchronize(device)
         built = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mib("VmRSS")
-        for _ in range(3):
-            trainer.step(train_student=True)
+        for _ in range(untimed_iterations(student, 3)):
+            (trainer.graphed_step or trainer.step)(train_student=True)
         synchronize(device)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
@@ -165,9 +177,9 @@ def peak_memory(setting: str, student: str, args) -> dict:
 
 def run_setting(setting: str, device: torch.device, args, run_dir: str) -> dict:
     trainers = {name: make_trainer(setting, name, device, run_dir, args.memory_format) for name in args.students}
-    for trainer in trainers.values():
-        for _ in range(args.warmup):  # compilation, allocator, caches
-            trainer.step(train_student=True)
+    for name, trainer in trainers.items():
+        for _ in range(untimed_iterations(name, args.warmup)):  # compilation, allocator, caches, capture
+            (trainer.graphed_step or trainer.step)(train_student=True)
     batch = trainers["float"].options.batchSize
     iterations = args.iters if args.iters else (args.iters_b16 if batch <= 16 else args.iters_b200)
     samples = {name: [] for name in trainers}
@@ -188,12 +200,12 @@ def profile_step(setting: str, student: str, device: torch.device, run_dir: str,
     from torch.profiler import ProfilerActivity, profile
 
     trainer = make_trainer(setting, student, device, run_dir)
-    for _ in range(3):
-        trainer.step(train_student=True)
+    for _ in range(untimed_iterations(student, 3)):
+        (trainer.graphed_step or trainer.step)(train_student=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(5):
-            trainer.step(train_student=True)
+            (trainer.graphed_step or trainer.step)(train_student=True)
         synchronize(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\nprofile of 5 iterations, {setting}, {student} student:")
@@ -262,6 +274,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     args.settings = args.settings or list(CPU_SETTINGS if args.device == "cpu" else SETTINGS)
+    if args.device == "cuda" and args.students == list(DEFAULT_STUDENTS):
+        args.students.append(GRAPHED)
+    if args.device != "cuda" and GRAPHED in args.students:
+        parser.error(f"--students {GRAPHED!r}: CUDA graphs need --device cuda")
     args.students = ["float"] + [name for name in dict.fromkeys(args.students) if name != "float"]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -278,6 +294,8 @@ def main(argv=None) -> int:
         print_table(results)
         if args.profile:
             profile_step(args.settings[0], "granq", device, run_dir, rows=25)
+            if device.type == "cuda":  # a replay: what is left is the kernels themselves
+                profile_step(args.settings[0], GRAPHED, device, run_dir, rows=25)
     finish(env, started, args.json, {"args": vars(args), "results": results})
     return 0
 

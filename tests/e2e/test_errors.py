@@ -39,6 +39,7 @@ CASES = {
     "activation type": (["--set", "act_types=[swish]"], "'swish' is not valid; choose from: relu, relu6, hardswish"),
     "user model without weights": (["--set", "network=tests.e2e.user_models:tiny_net", "--set", "teacher_weights="],
                                    "has no published weights: set teacher_weights to its weights file"),
+    "cuda_graph value": (["--set", "cuda_graph=yes"], "cuda_graph = 'yes' is not valid; choose one of: auto, on, off"),
     "teacher outputs": (["--set", "network=tests.e2e.user_models:tiny_net", "--set", "nClasses=100"],
                         "returns (1, 10) for one 32x32 image where nClasses = 100"),
 }
@@ -85,3 +86,15 @@ def test_checkpoint_of_another_model(tmp_path, cifar_folder, capsys):
 def test_resume_of_a_directory_without_checkpoint(tmp_path, capsys):
     code, _ = run_main(["--resume", str(tmp_path)])
     assert code == 2 and "holds no checkpoint.pt" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine cuda_graph = on is granted")
+def test_cuda_graph_on_without_cuda_is_one_error_line(tmp_path, cifar_folder, capsys):
+    save_path = tmp_path / "runs"
+    code, lines = run_main(tiny_run_args(save_path, cifar_folder, "--set", "cuda_graph=on"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines == []
+    assert [line for line in err if line.startswith("error:")] == [err[-1]]
+    assert err[-1].startswith("error: cuda_graph = on needs CUDA") and "cuda_graph = auto" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not save_path.exists() or not os.listdir(save_path)

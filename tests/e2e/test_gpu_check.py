@@ -9,8 +9,10 @@ import pytest
 
 from ..conftest import ROOT
 
-STEPS = ("exactness", "cli", "cli_compiled", "train_step", "quantizer_speed", "eval_throughput")
-FILES = ("exactness_probe", "cli_run", "cli_run_compiled", "train_step", "quantizer_speed", "eval_throughput")
+STEPS = ("exactness", "cli", "cli_compiled", "graph_probe", "train_step", "quantizer_speed", "eval_throughput",
+         "full_run")
+FILES = ("exactness_probe", "cli_run", "cli_run_compiled", "graph_probe", "train_step", "quantizer_speed",
+         "eval_throughput", "full_run")
 
 
 @pytest.mark.slow
@@ -32,3 +34,16 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert set(steps["eval_throughput"]["images_per_s"]) == {"decode", "cached", "float", "granq"}
     assert steps["eval_throughput"]["exact"] is True
     assert (tmp_path / "gpu_check_quick_cpu.log").stat().st_size > 0
+    assert steps["graph_probe"]["graphed"] is False  # no graph without CUDA, and none claimed
+    with open(tmp_path / "full_run_quick_cpu.json") as f:
+        full = json.load(f)
+    assert full["finished"] and full["epochs"] == 2 and full["iters_per_epoch"] == 2
+    assert full["cuda_graph"] == "eager: no CUDA device" and full["device"] == "cpu"
+    assert {"wall_seconds", "student_top1", "best_top1", "teacher_top1"} <= full.keys()
+    # --only runs one step and keeps the others' records
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--device", "cpu", "--quick",
+                             "--only", "full_run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[1] full_run" in result.stdout and "[2]" not in result.stdout
+    with open(tmp_path / "gpu_check_quick_cpu.json") as f:
+        assert tuple(step["step"] for step in json.load(f)["steps"]) == STEPS

@@ -24,7 +24,7 @@ from ..conftest import (
 )
 
 SUMMARY_KEYS = {"teacher_top1", "student_top1", "best_top1", "best_top5", "epochs", "qw", "qa", "act_mode",
-                "weight_granularity", "network", "seconds", "run_dir"}
+                "weight_granularity", "network", "seconds", "run_dir", "cuda_graph"}
 
 
 def test_two_iteration_run_writes_its_outputs(tmp_path, cifar_folder):
@@ -37,6 +37,8 @@ def test_two_iteration_run_writes_its_outputs(tmp_path, cifar_folder):
     assert os.path.dirname(run_dir) == str(tmp_path / "runs")
     with open(os.path.join(run_dir, "summary.json")) as f:
         assert json.load(f) == summary
+    # cuda_graph = auto (the default): eager without CUDA, and the summary says why
+    assert summary["cuda_graph"] == ("graphed" if torch.cuda.is_available() else "eager: no CUDA device")
     for name in ("config.hocon", "train.log", "metrics.jsonl", "checkpoint.pt", "best_student.pt", "accuracy.png",
                  "losses.png"):
         assert os.path.isfile(os.path.join(run_dir, name)), name

@@ -23,6 +23,7 @@ from quantization_utils.functional import MAX_BITS, MIN_BITS, WEIGHT_GRANULARITI
 from ..data.eval_cache import EVAL_CACHE_MODES
 from ..models import get_model_spec
 from ..system.errors import ConfigError, UserError
+from ..training.graphs import CUDA_GRAPH_MODES
 from ..training.losses import input_filter_names, student_loss_names
 from ..training.optim import LR_POLICIES
 
@@ -57,6 +58,7 @@ class Options:
     visible_devices: str = ""
     nThreads: int = 8  # data loader workers for evaluation
     deterministic: bool = False  # true: the same --id gives the same run on CUDA too, slower (utils/system/devices.py)
+    cuda_graph: str = "auto"  # auto | on | off: the training iteration replayed as a CUDA graph (training/graphs.py)
     experimentID: str = "cifar10_3bit"
     nClasses: int = 10
     # Student optimisation
@@ -143,6 +145,7 @@ class Options:
             _choice(self, f"lrPolicy_{net}", LR_POLICIES)
         _choice(self, "opt_type", OPTIMIZERS)
         _choice(self, "granq_impl", GRANQ_IMPLS)
+        _choice(self, "cuda_graph", CUDA_GRAPH_MODES)
         if self.generator:
             _choice(self, "generator", GENERATORS)
         if not self.act_types:

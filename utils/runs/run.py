@@ -39,6 +39,7 @@ from ..system.devices import configure_backends
 from ..system.errors import UserError
 from ..system.stopping import RunInterrupted
 from ..training.checkpoints import RunFileError, atomic_save_json, find_checkpoint, load_run_file, save_run_file
+from ..training.graphs import check_cuda_graph, use_cuda_graphs
 from ..training.losses import build_student_losses
 from ..training.trainer import Trainer
 from .config import LEGACY_KEYS, load_options, options_from_dict, parse_override
@@ -50,7 +51,7 @@ logger = logging.getLogger("granq")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 # Keys a resumed run may change: where and how it evaluates, logs and computes, never what it trains.
 RESUME_KEYS = ("GPU", "dataPath", "nThreads", "test_batch_size", "log_interval", "eval_every", "eval_start_epoch",
-               "eval_cache", "tensorboard")
+               "eval_cache", "tensorboard", "cuda_graph")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +194,7 @@ def setup(args) -> Run:
         options = load_options(args.conf_path, args.set, qw=args.qw, qa=args.qa)
         run_id, seed = args.id, args.id + 1
     device = distributed.init_from_env(options.GPU)
+    check_cuda_graph(options.cuda_graph, device)
     backends = configure_backends(options.deterministic, device)  # before the first CUDA computation
     # One global stream on every rank: the same random teacher (teacher_weights = random) and generator
     # weights everywhere. Each rank's training noise has its own stream (utils.training.trainer.noise_generator).
@@ -226,6 +228,8 @@ def setup(args) -> Run:
             raise UserError(f"--resume {run_dir!r}: the checkpoint does not fit network {options.network!r} "
                             f"with this config; is it from another model? ({str(error).splitlines()[0]})") from None
         logger.info("resumed at epoch %d, iteration %d", trainer.epoch + 1, trainer.iteration)
+    # After a resume, so that the self-check starts from the state the run continues from (and puts it back).
+    use_cuda_graphs(trainer, options.cuda_graph)
     return Run(trainer, run_dir, log_handler)
 
 

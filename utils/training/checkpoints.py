@@ -20,6 +20,7 @@ import torch
 from ..system import distributed
 from ..system.errors import UserError
 from ..system.files import WriteError, atomic_save, atomic_save_json
+from .optim import load_optimizer_state
 
 __all__ = ["BEST_STUDENT", "CHECKPOINT", "FORMAT", "RunFileError", "atomic_save", "atomic_save_json", "capture_rng",
            "find_checkpoint", "find_student_file", "load_run_file", "restore_rng", "restore_trainer", "run_summary",
@@ -164,8 +165,8 @@ def restore_trainer(trainer, state: dict) -> None:
                         f"(this run has {distributed.world_size()})")
     trainer.student.load_state_dict(state["student"])
     trainer.generator.load_state_dict(state["generator"])
-    trainer.opt_S.load_state_dict(state["opt_S"])
-    trainer.opt_G.load_state_dict(state["opt_G"])
+    load_optimizer_state(trainer.opt_S, state["opt_S"])
+    load_optimizer_state(trainer.opt_G, state["opt_G"])
     for key in RUN_STATE:
         setattr(trainer, key, state[key])
     history, names = state["history"], trainer.loss_names

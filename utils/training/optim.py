@@ -4,9 +4,12 @@ import math
 
 import torch
 
-__all__ = ["LR_POLICIES", "build_optimizers", "learning_rate", "set_learning_rates", "student_progress"]
+__all__ = ["IMPLEMENTATION_KEYS", "LR_POLICIES", "build_optimizers", "device_scalar", "learning_rate",
+           "load_optimizer_state", "set_learning_rates", "student_progress"]
 
 LR_POLICIES = ("multi_step", "const", "cosine")
+# Settings of a param group that say how the optimizer computes, not what: kept from the run when a file is loaded.
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable")
 
 
 def learning_rate(base: float, policy: str, steps, decay: float, epoch: int, iteration: int = 0,
@@ -32,18 +35,32 @@ def learning_rate(base: float, policy: str, steps, decay: float, epoch: int, ite
     return base * decay ** sum(epoch >= step for step in steps)
 
 
-def set_learning_rates(options, opt_S, opt_G, epoch: int, iteration: int = 0) -> tuple[float, float]:
+def set_learning_rates(options, opt_S, opt_G, epoch: int, iteration: int = 0,
+                       progress: torch.Tensor | None = None) -> tuple[float, float]:
     """Set both optimizers' learning rates for ``iteration`` of ``epoch`` (0-based); return (lr_S, lr_G).
 
     A cosine schedule runs over the epochs each network trains in: the student's starts after warm-up.
+    A learning rate held in a tensor (CUDA, :func:`build_optimizers`) is written in place, and so is ``progress``
+    (:func:`student_progress`) where given, so that a captured CUDA graph reads the values of every iteration.
     """
     o = options
     rates = []
     for net, optimizer, first_epoch in (("S", opt_S, o.warmup_epochs), ("G", opt_G, 0)):
         rates.append(learning_rate(*o.schedule(net), epoch, iteration, o.iters_per_epoch, first_epoch, o.nEpochs))
         for group in optimizer.param_groups:
-            group["lr"] = rates[-1]
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(rates[-1])
+            else:
+                group["lr"] = rates[-1]
+    if progress is not None:
+        progress.fill_(student_progress(o, epoch, iteration))
     return tuple(rates)
+
+
+def device_scalar(device: torch.device) -> torch.Tensor | None:
+    """A float32 scalar on ``device`` for a value that changes every iteration (the student's progress) on CUDA,
+    where a captured graph must read it from memory; None on the CPU, where the trainer keeps Python floats."""
+    return torch.zeros((), device=device) if device.type == "cuda" else None
 
 
 def student_progress(options, epoch: int, iteration: int) -> float:
@@ -55,11 +72,48 @@ def student_progress(options, epoch: int, iteration: int) -> float:
     return min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
 
 def build_optimizers(options, student_params, generator_params) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    """The student's optimizer (``opt_type``: Nesterov SGD or Adam) and the generator's Adam, as the official code."""
+    """The student's optimizer (``opt_type``: Nesterov SGD or Adam) and the generator's Adam, as the official code.
+
+    On CUDA both are torch's fused implementations with the learning rate in a tensor on the device, whether or not
+    the iteration is replayed as a CUDA graph (``cuda_graph``), so that graphed and eager runs compute the same: a
+    graph reads the learning rate from memory (a Python float would be frozen at capture), and torch's SGD takes a
+    tensor learning rate without a device synchronisation only fused; Adam must also be ``capturable``. On the CPU
+    they are the plain implementations with float rates, as before.
+    """
     o = options
+    cuda = student_params[0].device.type == "cuda"
+    settings = {"fused": True} if cuda else {}
+
+    def rate(value: float):
+        return torch.tensor(value, device=student_params[0].device) if cuda else value
+
     if o.opt_type == "Adam":
-        opt_S = torch.optim.Adam(student_params, lr=o.lr_S, weight_decay=o.weightDecay)
+        opt_S = torch.optim.Adam(student_params, lr=rate(o.lr_S), weight_decay=o.weightDecay, capturable=cuda,
+                                 **settings)
     else:
-        opt_S = torch.optim.SGD(student_params, lr=o.lr_S, momentum=o.momentum, weight_decay=o.weightDecay,
-                                nesterov=True)
-    return opt_S, torch.optim.Adam(generator_params, lr=o.lr_G, betas=(o.b1, o.b2))
+        opt_S = torch.optim.SGD(student_params, lr=rate(o.lr_S), momentum=o.momentum, weight_decay=o.weightDecay,
+                                nesterov=True, **settings)
+    return opt_S, torch.optim.Adam(generator_params, lr=rate(o.lr_G), betas=(o.b1, o.b2), capturable=cuda,
+                                   **settings)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)`` that keeps how this run's optimizer computes.
+
+    The file gives the values (moments, steps, learning rates); the run keeps its implementation
+    (:data:`IMPLEMENTATION_KEYS`), its learning-rate tensors (written in place, so their memory stays where a
+    captured graph reads it) and a fused or capturable Adam's step counts on the device. So a checkpoint written
+    on the CPU resumes on CUDA and one written on CUDA resumes on the CPU, each computing as a fresh run there.
+    """
+    kept = [({key: group[key] for key in IMPLEMENTATION_KEYS if key in group}, group["lr"])
+            for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, (implementation, lr) in zip(optimizer.param_groups, kept):
+        value = float(group["lr"])
+        group.update(implementation)
+        group["lr"] = lr.fill_(value) if isinstance(lr, torch.Tensor) else value
+        if group.get("fused") or group.get("capturable"):
+            for param in group["params"]:
+                step = optimizer.state.get(param, {}).get("step")
+                if isinstance(step, torch.Tensor):
+                    optimizer.state[param]["step"] = step.to(param.device, torch.float32)

@@ -33,7 +33,7 @@ from .losses import (
     onehot_loss,
 )
 from .metrics_writer import MetricsWriter
-from .optim import build_optimizers, set_learning_rates, student_progress
+from .optim import build_optimizers, device_scalar, set_learning_rates, student_progress
 from .progress import Progress, log_epoch
 
 __all__ = ["LOSS_NAMES", "Trainer"]
@@ -69,6 +69,8 @@ class Trainer:
         # The training noise (latents and labels) has a stream of its own, so that nothing else a run does
         # (evaluating, its loader's workers, resuming) can move it.
         self.noise = noise_generator(meta.get("seed", 0), distributed.rank(), device)  # benchmarks pass no seed
+        self.progress_tensor = device_scalar(device)  # CUDA: the student's progress, set in set_learning_rates
+        self.graphed_step = None  # what train_epoch calls instead of step: its CUDA graph (graphs.use_cuda_graphs)
         # The student's loss: the registered terms of student_losses; hooks only for the layers they read.
         self.student_losses = build_student_losses(options, self.teacher)
         self.features = FeatureCapture({"teacher": self.teacher, "student": self.student},
@@ -164,13 +166,15 @@ class Trainer:
         with contextlib.nullcontext() if sync or not distributed.is_distributed() else self.student_forward.no_sync():
             return self.student_forward(images)
 
-    def student_progress(self) -> float:
-        """Share of the student's training done at the current iteration (:func:`.optim.student_progress`)."""
-        return student_progress(self.options, self.epoch, self.iteration)
+    def student_progress(self) -> float | torch.Tensor:
+        """Share of the student's training done at the current iteration (:func:`.optim.student_progress`); on CUDA
+        the tensor that :meth:`set_learning_rates` writes for it, which a captured graph reads."""
+        shared = self.progress_tensor
+        return student_progress(self.options, self.epoch, self.iteration) if shared is None else shared
 
     def set_learning_rates(self, epoch: int, iteration: int = 0) -> tuple[float, float]:
-        """Set both optimizers' learning rates for ``iteration`` of ``epoch``; return (lr_S, lr_G)."""
-        return set_learning_rates(self.options, self.opt_S, self.opt_G, epoch, iteration)
+        """Set both learning rates (on CUDA the progress too) for ``iteration`` of ``epoch``; return (lr_S, lr_G)."""
+        return set_learning_rates(self.options, self.opt_S, self.opt_G, epoch, iteration, self.progress_tensor)
 
     def train_epoch(self, epoch: int) -> dict:
         """Run epoch ``epoch`` from ``self.iteration`` on; return its metrics record (means of the losses)."""
@@ -185,7 +189,7 @@ class Trainer:
         single = not distributed.is_distributed()
         for it in range(self.iteration, o.iters_per_epoch):
             self.set_learning_rates(epoch, it)  # constant within an epoch but for cosine schedules
-            self.history[it] = self.step(train_student=epoch >= o.warmup_epochs)
+            self.history[it] = (self.graphed_step or self.step)(train_student=epoch >= o.warmup_epochs)
             self.iteration = it + 1
             # Losses come back to the host once per interval. Under torchrun, ranks agree on stopping
             # only at these points, so that they all run the same number of collective steps.
