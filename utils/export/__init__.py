@@ -1,0 +1,1 @@
+"""Export of a trained student out of PyTorch (placeholder docstring)."""
