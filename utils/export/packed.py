@@ -10,13 +10,15 @@ The quantized layers (QuantConv2d, QuantLinear) share three tensors, each layer'
   one sign, whose grid then lies away from 0).
 
 Every other entry of the student's state dict (BatchNorm, biases, layers left in float, tracked activation
-ranges) is stored as it is, under its own name. The metadata holds ``format``, the run's ``options`` and
-``meta`` (JSON), the student keys (``qw``, ``qa``, ``act_mode``, ``weight_granularity``, ``network``,
-``dataset``), the ``recorded_top1`` of the saved student and ``layers``: per quantized layer, in the order of
-its parts, its weight's ``shape``, ``bits``, ``rows`` (ranges), ``zero_point_min`` and ``zero_point_bits``.
-A layer's parts take ``ceil(numel * bits / 8)`` bytes of codes, ``rows`` scales and ``ceil(rows *
-zero_point_bits / 8)`` bytes of zero points. Sharing three tensors keeps the file's header small: with three
-tensors per layer a ResNet-20's would take another 0.6 % of its float size.
+ranges) is stored as it is, under its own name. The metadata holds ``format``, the run's ``options`` (JSON),
+the student keys (``qw``, ``qa``, ``act_mode``, ``weight_granularity``, ``network``, ``dataset``), ``source``
+(JSON: the run file it came from, its ``epoch``, ``top1`` and ``meta``) and ``layers``: per quantized layer,
+in the order of its parts, its weight's ``shape``, ``bits``, ``rows`` (ranges), ``zero_point_min``,
+``zero_point_bits`` and, where there are any, ``overflow``: the [flat index, code] of the rare codes beyond
+the ``qw``-bit range (:mod:`.codes`), stored clamped in ``codes``. A layer's parts take ``ceil(numel * bits /
+8)`` bytes of codes, ``rows`` scales and ``ceil(rows * zero_point_bits / 8)`` bytes of zero points. Sharing
+three tensors keeps the file's header small: with three tensors per layer a ResNet-20's would take another
+0.6 % of its float size.
 
 :func:`load_packed` rebuilds the fake-quantized student; its weights are the quantized values
 ``(q - z) / scale``, which it uses as they are, so its logits equal the saved student's bit for bit. The
@@ -45,7 +47,8 @@ from .codes import (
 )
 from .common import atomic_write, build_student, require
 
-__all__ = ["PACKED_FORMAT", "load_packed", "pack_student", "read_packed", "save_packed", "weights_on_grid"]
+__all__ = ["PACKED_FORMAT", "load_packed", "pack_student", "packed_options", "packed_source", "read_packed",
+           "save_packed", "weights_on_grid"]
 
 PACKED_FORMAT = "granq-packed-1"
 PARTS = ("codes", "scales", "zero_points")
@@ -53,8 +56,7 @@ PART_DTYPES = {"codes": torch.uint8, "scales": torch.float32, "zero_points": tor
 STUDENT_FIELDS = ("qw", "qa", "act_mode", "weight_granularity", "network", "dataset")
 
 
-def pack_student(student: nn.Module, options: dict, meta: dict | None = None,
-                 recorded_top1: float | None = None) -> tuple[dict, dict]:
+def pack_student(student: nn.Module, options: dict, source: dict | None = None) -> tuple[dict, dict]:
     """The tensors and metadata of the packed file of ``student`` (see the module docstring)."""
     layers = quantized_layers(student)
     parts: dict[str, list[torch.Tensor]] = {part: [] for part in PARTS}
@@ -63,13 +65,17 @@ def pack_student(student: nn.Module, options: dict, meta: dict | None = None,
         weight = quantize_weight(layer)
         low, high = int(weight.zero_point.min()), int(weight.zero_point.max())
         zero_bits = bits_for(low, high)
-        pieces = {"codes": pack_bits(weight.codes + 2 ** (weight.bits - 1), weight.bits),
+        overflow = weight.overflow  # rare codes one step beyond the range: stored clamped, listed exactly
+        clamped = weight.codes.clamp(-(2 ** (weight.bits - 1)), 2 ** (weight.bits - 1) - 1)
+        pieces = {"codes": pack_bits(clamped + 2 ** (weight.bits - 1), weight.bits),
                   "scales": weight.scale.clone(),
                   "zero_points": pack_bits(weight.zero_point - low, zero_bits)}
         for part, piece in pieces.items():
             parts[part].append(piece)
         table[name] = {"shape": list(weight.shape), "bits": weight.bits, "rows": weight.rows,
                        "zero_point_min": low, "zero_point_bits": zero_bits}
+        if overflow:
+            table[name]["overflow"] = overflow
     tensors = {f"quantized.{part}": torch.cat(pieces) if pieces else torch.zeros(0, dtype=PART_DTYPES[part])
                for part, pieces in parts.items()}
     quantized = {f"{name}.weight" for name in layers}
@@ -78,17 +84,15 @@ def pack_student(student: nn.Module, options: dict, meta: dict | None = None,
             tensors[key] = value.detach().cpu().contiguous().clone()
     compact = {"separators": (",", ":")}
     metadata = {"format": PACKED_FORMAT, "options": json.dumps(options, **compact),
-                "meta": json.dumps(meta or {}, **compact), "layers": json.dumps(table, **compact),
-                "recorded_top1": json.dumps(recorded_top1)}
+                "source": json.dumps(source or {}, **compact), "layers": json.dumps(table, **compact)}
     metadata.update({key: str(options.get(key)) for key in STUDENT_FIELDS})
     return tensors, metadata
 
 
-def save_packed(student: nn.Module, path: str, options: dict, meta: dict | None = None,
-                recorded_top1: float | None = None) -> int:
+def save_packed(student: nn.Module, path: str, options: dict, source: dict | None = None) -> int:
     """Write the packed file of ``student`` to ``path`` atomically; return its size in bytes."""
     safetensors_torch = require("safetensors.torch")
-    data = safetensors_torch.save(*pack_student(student, options, meta, recorded_top1))
+    data = safetensors_torch.save(*pack_student(student, options, source))
     atomic_write(path, data)
     return len(data)
 
@@ -113,6 +117,11 @@ def read_packed(path: str) -> tuple[dict, dict]:
 def packed_options(metadata: dict) -> dict:
     """The run's options saved in a packed file's metadata."""
     return json.loads(metadata["options"])
+
+
+def packed_source(metadata: dict) -> dict:
+    """Where a packed file came from (see the module docstring)."""
+    return json.loads(metadata.get("source", "{}"))
 
 
 def weights_on_grid(weight: torch.Tensor, bits: int, granularity: str = "kernel") -> torch.Tensor:
@@ -140,6 +149,8 @@ def _unpacked_weights(tensors: dict, layers: dict, granularity: str) -> dict[str
             piece[part] = tensors[f"quantized.{part}"][start[part]:start[part] + size]
             start[part] += size
         codes = unpack_bits(piece["codes"], bits, math.prod(shape)) - 2 ** (bits - 1)
+        for index, code in info.get("overflow", ()):
+            codes[index] = code
         zero_point = unpack_bits(piece["zero_points"], info["zero_point_bits"], rows) + info["zero_point_min"]
         weights[f"{name}.weight"] = dequantize(QuantizedWeight(codes.view(rows, -1), zero_point, piece["scales"],
                                                                shape, bits, granularity))

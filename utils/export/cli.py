@@ -1,0 +1,143 @@
+"""``tools/export.py``: write a saved student as ``student.safetensors`` (packed integer weights) and
+``student.onnx``, print their sizes and, where the run's test set is reachable, onnxruntime's top-1 beside
+the PyTorch student's.
+
+    python tools/export.py RUN_DIR|STUDENT_FILE [--output DIR] [--which best|last] [--format packed onnx]
+        [--set dataPath=...] [--no-eval]
+
+The last line on stdout is a JSON object: ``paths`` and ``bytes`` of each file written (and ``bytes`` of
+the float state dict, ``float_state_dict``), ``deploys_as``, and after the test set ``torch_top1``,
+``onnxruntime_top1``, ``max_logit_difference``, ``top1_disagreements`` and ``test_images``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+
+from ..config import options_from_dict, parse_override
+from ..data import build_test_loader
+from ..errors import UserError, report_errors
+from ..run_files import BEST_STUDENT, CHECKPOINT, load_run_file
+from ..workers import close_workers
+from .common import build_student, require
+from .onnx_export import GRANQ_DEPLOYMENT, export_onnx
+from .onnx_modules import deploy_model
+from .packed import save_packed
+from .runtime import compare_on_test_set, onnx_session
+
+__all__ = ["EVAL_KEYS", "FILE_NAMES", "build_parser", "export", "main", "student_file"]
+
+logger = logging.getLogger("granq")
+FORMATS = ("packed", "onnx")
+FILE_NAMES = {"packed": "student.safetensors", "onnx": "student.onnx"}
+# What --set may change: where and how the test set is read, never the student.
+EVAL_KEYS = ("dataPath", "test_batch_size", "nThreads", "eval_cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("source", metavar="RUN_DIR|STUDENT_FILE", help="a run directory or a saved student (.pt)")
+    parser.add_argument("--output", metavar="DIR", help="where to write the files (default: RUN_DIR/export)")
+    parser.add_argument("--which", choices=("best", "last"), default="best",
+                        help=f"of a run directory: best ({BEST_STUDENT}, default) or last ({CHECKPOINT})")
+    parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), dest="formats",
+                        help="what to write (default: both)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"change how the test set is read: {', '.join(EVAL_KEYS)}")
+    parser.add_argument("--no-eval", action="store_true", help="do not evaluate on the test set")
+    return parser
+
+
+def student_file(source: str, which: str = "best") -> tuple[str, str]:
+    """The student file to export for ``source`` and the run directory it belongs to.
+
+    A run directory gives its ``best_student.pt`` (``which = "best"``) or ``checkpoint.pt`` (``"last"``; a run
+    without training has only ``best_student.pt``, its last student too); a file is taken as it is.
+    """
+    if os.path.isfile(source):
+        return source, os.path.dirname(os.path.abspath(source))
+    if not os.path.isdir(source):
+        raise UserError(f"{source!r} is neither a saved student nor a run directory")
+    names = (BEST_STUDENT,) if which == "best" else (CHECKPOINT, BEST_STUDENT)
+    for name in names:
+        if os.path.isfile(os.path.join(source, name)):
+            return os.path.join(source, name), source
+    raise UserError(f"run directory {source!r} holds no {' or '.join(names)}: no student was saved there (a run "
+                    f"saves {BEST_STUDENT} at its first evaluation)")
+
+
+def _options(saved: dict, overrides):
+    values = dict(saved)
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in EVAL_KEYS:
+            raise UserError(f"--set {key}=...: the exporter may change only {', '.join(EVAL_KEYS)}")
+        values[key] = value
+    return options_from_dict(values)
+
+
+def _share(size: int, whole: int) -> str:
+    return f"{size:,} bytes ({100.0 * size / whole:.1f} % of the float state dict's {whole:,})"
+
+
+def _compare(student, options, onnx_path: str) -> dict:
+    try:
+        loader = build_test_loader(options, torch.device("cpu"))
+    except UserError as error:
+        logger.warning("no test set, no accuracies: %s", error)
+        return {}
+    try:
+        return compare_on_test_set(student, onnx_session(onnx_path), loader)
+    finally:
+        close_workers(loader)
+
+
+def export(args) -> dict:
+    """Write the files ``args`` asks for and return the summary (see the module docstring)."""
+    for package in ("safetensors",) * ("packed" in args.formats) + ("onnx", "onnxscript", "onnxruntime") * (
+            "onnx" in args.formats):
+        require(package)
+    file, run_dir = student_file(args.source, args.which)
+    record = load_run_file(file)
+    options = _options(record["options"], args.set)
+    student = build_student(record["options"], record["student"], file)
+    if "onnx" in args.formats:
+        deploy_model(student)  # what ONNX cannot express fails here, before anything is written
+    output = args.output or os.path.join(run_dir, "export")
+    os.makedirs(output, exist_ok=True)
+    source = {"file": os.path.abspath(file), "epoch": record.get("epoch"),
+              "top1": record.get("top1", record.get("last_top1")), "meta": record.get("meta", {})}
+    float_bytes = sum(t.numel() * t.element_size() for t in record["student"].values())
+    summary = {"source": source["file"], "paths": {}, "bytes": {"float_state_dict": float_bytes}}
+    for kind in args.formats:
+        path = os.path.join(output, FILE_NAMES[kind])
+        if kind == "packed":
+            size = save_packed(student, path, record["options"], source)
+        else:
+            size = export_onnx(student, options, path, source)
+        summary["paths"][kind], summary["bytes"][kind] = os.path.abspath(path), size
+        print(f"{FILE_NAMES[kind]}: {_share(size, float_bytes)}", flush=True)
+    summary["deploys_as"] = GRANQ_DEPLOYMENT if options.act_mode == "granq" else "QDQ"
+    if "onnx" in args.formats and not args.no_eval:
+        summary.update(_compare(student, options, summary["paths"]["onnx"]))
+        if "torch_top1" in summary:
+            print(f"test set ({summary['test_images']} images): PyTorch student top-1 {summary['torch_top1']:.2f} %, "
+                  f"onnxruntime {summary['onnxruntime_top1']:.2f} %, largest logit difference "
+                  f"{summary['max_logit_difference']:.3g}", flush=True)
+    return summary
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+
+    def command():
+        print(json.dumps(export(args)), flush=True)
+
+    return report_errors(command)
