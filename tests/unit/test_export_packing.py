@@ -2,6 +2,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -68,6 +69,42 @@ def test_integer_codes_give_the_quantized_weight(bits, granularity):
     assert weight.codes.min() >= -(2 ** (bits - 1)) and weight.codes.max() <= 2 ** (bits - 1) - 1
     assert torch.equal(dequantize(weight), weight_fake_quant(conv.weight, bits, granularity))
     assert weight.rows == (8 * 16 if granularity == "kernel" else 8)
+
+
+class OneByOneNet(torch.nn.Module):
+    """A 1 x 1 convolution (per-kernel ranges of one weight) and a 3 x 3 kernel whose rounding gives it 65 codes
+    at 6 bits (s * hi = 38.5 exactly, s * lo just below -24.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tie = torch.nn.Conv2d(3, 1, 3, padding=1, bias=False)
+        self.point = torch.nn.Conv2d(1, 8, 1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 10)
+        with torch.no_grad():
+            self.tie.weight[0, 0] = torch.tensor([[-0.06998378038406372, 0.10997448861598969, 0.0],
+                                                  [0.05, -0.03, 0.01], [0.02, 0.07, -0.01]])
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.point(self.tie(x)))).mean((2, 3)))
+
+
+def test_rows_of_one_weight_and_of_65_codes(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = OneByOneNet().eval()
+    student = quantize_model(model, 6, 8, granq_impl="eager").eval()
+    tie, point = quantize_weight(student.tie), quantize_weight(student.point)
+    assert tie.overflow == [(0, -33)]  # one code beyond 6 bits, kept exactly
+    assert point.zero_point.abs().min() > 2**24  # ranges of one weight are RANGE_EPS wide
+    assert torch.equal(dequantize(point), weight_fake_quant(student.point.weight, 6))
+    options = _options(6, 8, network="one_by_one")
+    save_packed(student, str(tmp_path / "s.safetensors"), options)
+    # A network outside the registry: the registry's lookup stands in for it.
+    monkeypatch.setattr("utils.export.common.get_model_spec", lambda name: types.SimpleNamespace(build=OneByOneNet))
+    loaded = load_packed(str(tmp_path / "s.safetensors"))
+    images = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), student(images))
 
 
 @pytest.mark.parametrize("granularity", ["kernel", "channel"])

@@ -123,12 +123,18 @@ def _row_shifts(codes: torch.Tensor, zero: torch.Tensor, low: int, high: int) ->
     if exact.all():
         return shift
     # Zero points beyond 2**24 (a row whose values are all equal: its range is RANGE_EPS wide) are float32
-    # values only at coarser steps: try every placement of the row in the range.
+    # values only at coarser steps: try the placements of those rows in the range until each has one.
+    rows = (~exact).nonzero().flatten()
     for start in range(low, high + 1):
-        candidate = row_low - start
-        fits = ~exact & (row_high - candidate <= high) & _exact_in_float32(zero - candidate)
-        shift, exact = torch.where(fits, candidate, shift), exact | fits
-    return torch.where(exact, shift, torch.zeros_like(shift))
+        candidate = row_low[rows] - start
+        fits = (row_high[rows] - candidate <= high) & _exact_in_float32(zero[rows] - candidate)
+        shift[rows[fits]] = candidate[fits]
+        exact[rows[fits]] = True
+        rows = rows[~fits]
+        if rows.numel() == 0:
+            break
+    shift[rows] = 0
+    return shift
 
 
 @torch.no_grad()

@@ -146,17 +146,26 @@ def evaluate_exported(path: str, options, device: torch.device | str | None = No
 @torch.no_grad()
 def compare_on_test_set(student: nn.Module, session, loader) -> dict:
     """One pass over ``loader`` with the PyTorch ``student`` (on the CPU) and the onnxruntime ``session``: the
-    top-1 of each, the largest absolute difference of their logits and on how many images their top-1 differ."""
+    top-1 of each, the largest absolute difference of their logits, its median over the images (each image's
+    largest) and on how many images their top-1 differ.
+
+    The two differ in the last bits (ONNX multiplies by ``1 / scale``, and the runtimes add in other orders);
+    where that moves a value across a rounding boundary of a quantizer, the code moves by one step, and with
+    GranQ so can a (sample, channel) range: the differences are 0 or float rounding on most images and larger
+    on a few."""
     student = student.eval()
-    hits, disagreements, total, largest = torch.zeros(2, dtype=torch.long), 0, 0, 0.0
+    hits, disagreements, total, per_image = torch.zeros(2, dtype=torch.long), 0, 0, []
     for images, labels in loader:
         images, labels = images.cpu(), labels.cpu()
         reference, exported = student(images), onnx_logits(session, images)
         hits += torch.stack([(reference.argmax(1) == labels).sum(), (exported.argmax(1) == labels).sum()])
         disagreements += (reference.argmax(1) != exported.argmax(1)).sum().item()
-        largest = max(largest, (reference - exported).abs().max().item())
+        per_image.append((reference - exported).abs().amax(1))
         total += labels.shape[0]
     if total == 0:
         raise UserError("the test set is empty")
+    differences = torch.cat(per_image)
     return {"torch_top1": 100.0 * hits[0].item() / total, "onnxruntime_top1": 100.0 * hits[1].item() / total,
-            "max_logit_difference": largest, "top1_disagreements": disagreements, "test_images": total}
+            "max_logit_difference": differences.max().item(),
+            "median_logit_difference": differences.median().item(), "top1_disagreements": disagreements,
+            "test_images": total}
