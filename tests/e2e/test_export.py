@@ -64,14 +64,15 @@ def exported(request, tmp_path_factory):
 
 def test_onnxruntime_gives_the_students_top1(exported):
     run, result, lines = exported
-    assert result["test_images"] == 10_000
-    assert result["torch_top1"] == run["best_top1"]  # the saved student, evaluated again
+    assert result["test_images"] == 10_000 and result["compared_images"] == 1000
+    # The run evaluated this student on the CPU on this test set: its top-1 is the one to meet.
+    assert (result["torch_top1"], result["torch_top1_from"]) == (run["best_top1"], "recorded")
     assert abs(result["onnxruntime_top1"] - result["torch_top1"]) <= 0.05
     # Most images agree to float rounding; where a value crosses a rounding boundary a code moves by one
-    # step (with GranQ, a range with it), on a few percent of the images at 3 bits.
+    # step (with GranQ, a range with it), on a few percent of the images.
     assert result["median_logit_difference"] <= 1e-4
     assert 0 <= result["max_logit_difference"] <= 8
-    assert result["top1_disagreements"] <= 50
+    assert result["top1_disagreements"] <= 10
     assert any(line.startswith("test set (10000 images)") for line in lines)
 
 

@@ -3,12 +3,14 @@
 the PyTorch student's.
 
     python tools/export.py RUN_DIR|STUDENT_FILE [--output DIR] [--which best|last] [--format packed onnx]
-        [--set dataPath=...] [--no-eval]
+        [--set dataPath=...] [--no-eval] [--measure-torch]
 
 The last line on stdout is a JSON object: ``paths`` and ``bytes`` of each file written (and ``bytes`` of
-the float state dict, ``float_state_dict``), ``deploys_as``, and after the test set ``torch_top1``,
-``onnxruntime_top1``, ``max_logit_difference``, ``median_logit_difference``, ``top1_disagreements`` and
-``test_images`` (:func:`.runtime.compare_on_test_set`).
+the float state dict, ``float_state_dict``), ``deploys_as``, and after the test set ``onnxruntime_top1``,
+``torch_top1`` (``torch_top1_from``: ``recorded`` where the run recorded it on the CPU on this test set, else
+``measured``; ``--measure-torch`` always measures it), ``test_images``, and the differences of the logits on
+``compared_images`` images (the first 1000, all when measured): ``max_logit_difference``,
+``median_logit_difference``, ``top1_disagreements`` (:func:`.runtime.compare_on_test_set`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"change how the test set is read: {', '.join(EVAL_KEYS)}")
     parser.add_argument("--no-eval", action="store_true", help="do not evaluate on the test set")
+    parser.add_argument("--measure-torch", action="store_true",
+                        help="run the PyTorch student on the whole test set, even where its run recorded its top-1")
     return parser
 
 
@@ -87,14 +91,23 @@ def _share(size: int, whole: int) -> str:
     return f"{size:,} bytes ({100.0 * size / whole:.1f} % of the float state dict's {whole:,})"
 
 
-def _compare(student, options, onnx_path: str) -> dict:
+def _recorded_top1(record: dict, args) -> float | None:
+    """The top-1 the run recorded for this student, where evaluating it here would repeat it: on the CPU, on the
+    run's own test set."""
+    top1 = record.get("top1", record.get("last_top1"))
+    on_cpu = str(record.get("meta", {}).get("device", "")).startswith("cpu")
+    same_data = not any(parse_override(text)[0] == "dataPath" for text in args.set)
+    return top1 if top1 is not None and on_cpu and same_data and not args.measure_torch else None
+
+
+def _compare(student, options, onnx_path: str, recorded_top1: float | None) -> dict:
     try:
         loader = build_test_loader(options, torch.device("cpu"))
     except UserError as error:
         logger.warning("no test set, no accuracies: %s", error)
         return {}
     try:
-        return compare_on_test_set(student, onnx_session(onnx_path), loader)
+        return compare_on_test_set(student, onnx_session(onnx_path), loader, recorded_top1)
     finally:
         close_workers(loader)
 
@@ -126,11 +139,12 @@ def export(args) -> dict:
         print(f"{FILE_NAMES[kind]}: {_share(size, float_bytes)}", flush=True)
     summary["deploys_as"] = GRANQ_DEPLOYMENT if options.act_mode == "granq" else "QDQ"
     if "onnx" in args.formats and not args.no_eval:
-        summary.update(_compare(student, options, summary["paths"]["onnx"]))
+        summary.update(_compare(student, options, summary["paths"]["onnx"], _recorded_top1(record, args)))
         if "torch_top1" in summary:
-            print(f"test set ({summary['test_images']} images): PyTorch student top-1 {summary['torch_top1']:.2f} %, "
-                  f"onnxruntime {summary['onnxruntime_top1']:.2f} %, largest logit difference "
-                  f"{summary['max_logit_difference']:.3g}", flush=True)
+            print(f"test set ({summary['test_images']} images): PyTorch student top-1 {summary['torch_top1']:.2f} % "
+                  f"({summary['torch_top1_from']}), onnxruntime {summary['onnxruntime_top1']:.2f} %; logits on "
+                  f"{summary['compared_images']} images: largest difference {summary['max_logit_difference']:.3g}, "
+                  f"median {summary['median_logit_difference']:.3g}", flush=True)
     return summary
 
 

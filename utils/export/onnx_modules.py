@@ -206,8 +206,9 @@ class RangeDeploy(nn.Module):
     """A frozen layer-wise or channel range as constant Clip / QuantizeLinear / DequantizeLinear.
 
     With the student's scale ``s`` and zero point ``zp`` of [x_min, x_max]: ONNX scale ``1 / s``, zero point
-    ``-zp`` (int8, or int16 where it does not fit), and x clipped to the grid's ends ``(-2**(b-1) + zp) / s``
-    and ``(2**(b-1) - 1 + zp) / s`` first, which is the student's clamp of the code to b bits.
+    ``2**(b-1) - zp`` as UINT8 (``-zp`` as INT16 where that does not fit), and x clipped to the grid's ends
+    ``(-2**(b-1) + zp) / s`` and ``(2**(b-1) - 1 + zp) / s`` first, which is the student's clamp of the code
+    to b bits.
     """
 
     def __init__(self, act: QuantAct):
@@ -216,10 +217,13 @@ class RangeDeploy(nn.Module):
             raise UserError("a channel-wise activation quantizer of the student has no ranges (never calibrated)")
         scale, zero_point = quant_params(act.x_min.float(), act.x_max.float(), act.bits)
         half = 2 ** (act.bits - 1)
-        onnx_zero = -zero_point.to(torch.int64)
-        wide = torch.int8 if onnx_zero.abs().max() <= 127 else torch.int16
+        # UINT8 codes q + 2**(b-1), zero point 2**(b-1) - zp (0 for a range from 0): the activations' type that
+        # runtimes fuse (onnxruntime's QDQ passes expect it); int16 where a range lies away from 0.
+        unsigned = (half - zero_point).to(torch.int64)
+        fits = bool((unsigned >= 0).all() and (unsigned <= 255).all())
+        onnx_zero = unsigned.to(torch.uint8) if fits else (-zero_point).to(torch.int16)
         self.register_buffer("scale", _reciprocal(scale))
-        self.register_buffer("zero_point", onnx_zero.to(wide))
+        self.register_buffer("zero_point", onnx_zero)
         self.register_buffer("low", (-half + zero_point) / scale)
         self.register_buffer("high", (half - 1 + zero_point) / scale)
 
