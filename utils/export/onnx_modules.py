@@ -63,12 +63,12 @@ def _codes_type(bits: int, codes: torch.Tensor) -> tuple[tuple[int, int], torch.
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                       remainder: Optional[torch.Tensor], remainder_scale: Optional[torch.Tensor],
                       shape: list[int]) -> torch.Tensor:
-    """``(codes - zero_point) * scale`` per row (dimension 0), minus ``remainder * remainder_scale``, reshaped to
-    ``shape`` (empty: as ``codes``): ONNX's ``DequantizeLinear`` with ``axis = 0``."""
+    """``(codes - zero_point) * scale`` per row (dimension 0), minus ``remainder * remainder_scale`` (``scale``
+    where None), reshaped to ``shape`` (empty: as ``codes``): ONNX's ``DequantizeLinear`` with ``axis = 0``."""
     view = (-1,) + (1,) * (codes.dim() - 1)
     weight = (codes.float() - zero_point.float().view(view)) * scale.view(view)
     if remainder is not None:
-        weight = weight - remainder.float() * remainder_scale.view(view)
+        weight = weight - remainder.float() * (scale if remainder_scale is None else remainder_scale).view(view)
     return weight.reshape(shape) if shape else weight
 
 
@@ -98,7 +98,8 @@ def _dequantize_weight_onnx(codes, scale, zero_point, remainder, remainder_scale
 
     weight = op.DequantizeLinear(codes, scale, zero_point, axis=0)
     if remainder is not None:
-        weight = op.Sub(weight, op.DequantizeLinear(remainder, remainder_scale, axis=0))
+        step = scale if remainder_scale is None else remainder_scale
+        weight = op.Sub(weight, op.DequantizeLinear(remainder, step, axis=0))
     return op.Reshape(weight, op.Constant(value_ints=list(shape))) if shape else weight
 
 
@@ -145,7 +146,8 @@ class _IntegerWeight:
         extra = remainder.view((-1,) + (1,) * (codes.dim() - 1))
         wide = next(t for t in (torch.int8, torch.int16, torch.int32) if remainder.abs().max() <= torch.iinfo(t).max)
         self.register_buffer("remainder", extra.to(wide) if remainder.any() else None)
-        self.register_buffer("remainder_scale", self.scale * torch.exp2(steps.float()) if remainder.any() else None)
+        coarse = bool(remainder.any() and steps.any())
+        self.register_buffer("remainder_scale", self.scale * torch.exp2(steps.float()) if coarse else None)
         self.weight_shape = list(weight.shape) if per_kernel else []
         self.weight_bits = weight.bits
 
