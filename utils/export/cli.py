@@ -114,9 +114,9 @@ def _compare(student, options, onnx_path: str, recorded_top1: float | None) -> d
 
 def export(args) -> dict:
     """Write the files ``args`` asks for and return the summary (see the module docstring)."""
-    for package in ("safetensors",) * ("packed" in args.formats) + ("onnx", "onnxscript", "onnxruntime") * (
-            "onnx" in args.formats):
-        require(package)
+    needed = {"packed": ("safetensors",), "onnx": ("onnx", "onnxscript", "onnxruntime")}
+    for package in [name for kind in args.formats for name in needed[kind]]:
+        require(package)  # a missing package fails before anything is read or written
     file, run_dir = student_file(args.source, args.which)
     record = load_run_file(file)
     options = _options(record["options"], args.set)
