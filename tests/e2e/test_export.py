@@ -26,11 +26,12 @@ from ..conftest import (
     CIFAR10_JPEG,
     CIFAR10A_CONF,
     RESNET20A_WEIGHTS,
+    ROOT,
     last_json,
     run_main,
 )
 
-IMAGENET_CONF = os.path.join(os.path.dirname(CIFAR10_CONF), "..", "ImageNet", "imagenet_res18.hocon")
+IMAGENET_CONF = os.path.join(ROOT, "ImageNet", "imagenet_res18.hocon")
 
 
 def export(*argv):
