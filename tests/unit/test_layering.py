@@ -12,7 +12,7 @@ from ..conftest import ROOT
 
 # The floors of utils/, lowest first (utils/__init__.py says what each holds): a sub-package imports only
 # from itself and the floors below it.
-LAYERS = ("system", "models", "data", "training", "reports", "runs", "export", "sweeps")
+LAYERS = ("system", "models", "data", "training", "reports", "export", "runs", "sweeps")
 PACKAGES = ("quantization_utils", "utils")
 MAX_MODULE_LINES = 400
 MAX_FOLDER_MODULES = 12

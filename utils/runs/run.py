@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --resume: accept changes to keys that change the trained student (by default "
                              f"only {', '.join(RESUME_KEYS)} may change)")
     parser.add_argument("--eval", metavar="RUN_DIR_OR_FILE",
-                        help="evaluate a saved student (a run directory or a .pt file) and print its summary; "
-                             "--set dataPath=... points it at the test set")
+                        help="evaluate a saved student (a run directory, a .pt file, or an exported student.onnx "
+                             "or student.safetensors) and print its summary; --set dataPath=... points it at the "
+                             "test set")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 

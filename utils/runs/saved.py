@@ -66,7 +66,8 @@ def _saved_options(saved: dict, data_path: str | None, overrides: typing.Iterabl
 
 def evaluate_saved(path: str, data_path: str | None = None, overrides: typing.Iterable[str] = (),
                    device: torch.device | str | None = None) -> dict:
-    """Top-1/top-5 of the student saved at ``path`` (a run directory or a ``.pt`` file) on its test set.
+    """Top-1/top-5 of the student saved at ``path`` (a run directory, a ``.pt`` file, or a ``student.onnx`` or
+    ``student.safetensors`` of tools/export.py: :func:`utils.export.evaluate_exported`) on its test set.
 
     A run directory gives its last student (``checkpoint.pt``), so on the same kind of device the result
     equals the run's recorded ``student_top1``; pass ``.../best_student.pt`` for ``best_top1``.
@@ -79,6 +80,10 @@ def evaluate_saved(path: str, data_path: str | None = None, overrides: typing.It
     Returns student_top1/5, the accuracy recorded in the file (``recorded_top1``), the model keys, the
     file's ``epoch`` field as written (``checkpoint.pt``: epochs finished), the checkpoint path and seed.
     """
+    if str(path).endswith((".onnx", ".safetensors")):  # a file of tools/export.py: onnxruntime, load_packed
+        from .export.runtime import evaluate_exported, exported_options
+
+        return evaluate_exported(path, _saved_options(exported_options(path), data_path, overrides), device)
     file = find_student_file(path)
     record = load_run_file(file)
     student = _rebuild(record, file)

@@ -1,0 +1,56 @@
+"""What the export modules share: optional packages, atomic writes, the student a run file holds."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch.nn as nn
+
+from quantization_utils import rebuild_student
+
+from ..models import get_model_spec
+from ..system.errors import UserError
+from ..training.checkpoints import RunFileError
+
+__all__ = ["PIP_NAMES", "atomic_write", "build_student", "require"]
+
+# Import name -> pip name of the packages the exporter needs beyond requirements.txt.
+PIP_NAMES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "safetensors": "safetensors", "onnxscript": "onnxscript"}
+
+
+def require(name: str):
+    """Import the optional package ``name``; a UserError naming it (and how to install it) when it is missing."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pip_name = PIP_NAMES.get(name.split(".")[0], name)
+        raise UserError(f"the exporter needs the package {pip_name!r}, which is not installed: "
+                        f"pip install {pip_name} (or pip install -r requirements-dev.txt)") from None
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it: ``path`` holds the old file or the whole
+    new one, never half of one, and no temporary file is left behind when writing fails."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def build_student(options: dict, state_dict: dict, source: str) -> nn.Module:
+    """The fake-quantized student of ``options`` with ``state_dict``, in eval mode, the float architecture taken
+    from the model registry (random initialisation, nothing downloaded). ``source`` names the file in errors."""
+    if "network" not in options:
+        raise RunFileError(f"{source!r}: the saved options name no network; cannot rebuild the student")
+    float_model = get_model_spec(options["network"]).build()
+    try:
+        return rebuild_student(float_model, options, state_dict)
+    except ValueError as error:
+        raise RunFileError(f"{source!r} ({options['network']}): {error}") from None
