@@ -13,6 +13,7 @@ from quantization_utils import STUDENT_KEYS, granq_path, rebuild_student
 
 from ..data.loaders import build_test_loader
 from ..data.workers import close_workers
+from ..export.runtime import evaluate_exported, exported_options
 from ..models import get_model_spec
 from ..system.devices import configure_backends, cuda_device
 from ..system.errors import UserError
@@ -81,8 +82,6 @@ def evaluate_saved(path: str, data_path: str | None = None, overrides: typing.It
     file's ``epoch`` field as written (``checkpoint.pt``: epochs finished), the checkpoint path and seed.
     """
     if str(path).endswith((".onnx", ".safetensors")):  # a file of tools/export.py: onnxruntime, load_packed
-        from .export.runtime import evaluate_exported, exported_options
-
         return evaluate_exported(path, _saved_options(exported_options(path), data_path, overrides), device)
     file = find_student_file(path)
     record = load_run_file(file)
