@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch.nn as nn
 
@@ -13,7 +12,7 @@ from ..models import get_model_spec
 from ..system.errors import UserError
 from ..training.checkpoints import RunFileError
 
-__all__ = ["PIP_NAMES", "atomic_write", "build_student", "require"]
+__all__ = ["PIP_NAMES", "build_student", "require"]
 
 # Import name -> pip name of the packages the exporter needs beyond requirements.txt.
 PIP_NAMES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "safetensors": "safetensors", "onnxscript": "onnxscript"}
@@ -27,21 +26,6 @@ def require(name: str):
         pip_name = PIP_NAMES.get(name.split(".")[0], name)
         raise UserError(f"the exporter needs the package {pip_name!r}, which is not installed: "
                         f"pip install {pip_name} (or pip install -r requirements-dev.txt)") from None
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it: ``path`` holds the old file or the whole
-    new one, never half of one, and no temporary file is left behind when writing fails."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def build_student(options: dict, state_dict: dict, source: str) -> nn.Module:

@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from ..data.loaders import eval_transform
 from ..system.errors import UserError
-from .common import atomic_write, require
+from ..system.files import atomic_write_bytes
+from .common import require
 from .onnx_modules import TRANSLATIONS, deploy_model
 
 __all__ = ["GRANQ_DEPLOYMENT", "METADATA_KEYS", "OPSET", "export_onnx", "input_size", "onnx_metadata"]
@@ -148,5 +149,5 @@ def export_onnx(student: nn.Module, options, path: str, source: dict | None = No
                         f"{options.weight_granularity}; deploys as {metadata['deploys_as']}")
     onnx.checker.check_model(model, full_check=True)
     data = model.SerializeToString()
-    atomic_write(path, data)
+    atomic_write_bytes(data, path)
     return len(data)

@@ -34,6 +34,7 @@ import os
 import torch
 import torch.nn as nn
 
+from ..system.files import atomic_write_bytes
 from ..training.checkpoints import RunFileError
 from .codes import (
     QuantizedWeight,
@@ -45,7 +46,7 @@ from .codes import (
     quantized_layers,
     unpack_bits,
 )
-from .common import atomic_write, build_student, require
+from .common import build_student, require
 
 __all__ = ["PACKED_FORMAT", "load_packed", "pack_student", "packed_options", "packed_source", "read_packed",
            "save_packed", "weights_on_grid"]
@@ -93,7 +94,7 @@ def save_packed(student: nn.Module, path: str, options: dict, source: dict | Non
     """Write the packed file of ``student`` to ``path`` atomically; return its size in bytes."""
     safetensors_torch = require("safetensors.torch")
     data = safetensors_torch.save(*pack_student(student, options, source))
-    atomic_write(path, data)
+    atomic_write_bytes(data, path)
     return len(data)
 
 
