@@ -20,8 +20,9 @@ from ..system import distributed
 from ..system.devices import resnet_memory_format
 from ..system.stopping import RunInterrupted, StopRequest
 from . import checkpoints
-from .evaluate import evaluate
+from .evaluate import evaluate_frozen
 from .generator import build_generator, noise_generator
+from .graphs import may_capture
 from .losses import (
     BNStatistics,
     FeatureCapture,
@@ -35,14 +36,14 @@ from .losses import (
 from .metrics_writer import MetricsWriter
 from .optim import build_optimizers, device_scalar, set_learning_rates, student_progress
 from .progress import Progress, log_epoch
+from .state import TrainingState
 
 __all__ = ["LOSS_NAMES", "Trainer"]
 
 logger = logging.getLogger("granq")
 
-# Per-iteration values recorded on the device, read back once per log interval: these, then each term of
-# student_losses under its name (Trainer.loss_names), then, with an input filter, the share of the images'
-# energy it keeps (e.g. lowpass_kept).
+# Per-iteration values recorded on the device, read back once per log interval: these, then each term of student_losses
+# under its name (Trainer.loss_names), then, with an input filter, the share of the images' energy it keeps.
 LOSS_NAMES = ("loss_G", "marginal", "onehot", "bns", "loss_S", "teacher_acc")
 
 
@@ -64,12 +65,12 @@ class Trainer:
         # Forward through DDP under torchrun; checkpoints always hold the unwrapped modules.
         self.student_forward = distributed.wrap(self.student, device)
         self.generator_forward = distributed.wrap(self.generator, device)
-        self.opt_S, self.opt_G = build_optimizers(options, self.student_params, self.generator_params)
+        self.opt_S = self.opt_G = None  # built by use_capturable, for capture or for eager iterations
+        self.use_capturable(may_capture(options.cuda_graph, device))
         self.bn_stats = BNStatistics(self.teacher)
         # The training noise (latents and labels) has a stream of its own, so that nothing else a run does
         # (evaluating, its loader's workers, resuming) can move it.
         self.noise = noise_generator(meta.get("seed", 0), distributed.rank(), device)  # benchmarks pass no seed
-        self.progress_tensor = device_scalar(device)  # CUDA: the student's progress, set in set_learning_rates
         self.graphed_step = None  # what train_epoch calls instead of step: its CUDA graph (graphs.use_cuda_graphs)
         # The student's loss: the registered terms of student_losses; hooks only for the layers they read.
         self.student_losses = build_student_losses(options, self.teacher)
@@ -88,19 +89,29 @@ class Trainer:
         self.stop = StopRequest()
         # Rank 0 writes metrics.jsonl (and TensorBoard scalars); a missing tensorboard fails here, early.
         self.metrics_writer = MetricsWriter(run_dir, options.tensorboard) if self.is_main else None
+        self.training_state = TrainingState(self)  # what checkpoints and the CUDA-graph self-check save
 
     def build_student(self, teacher: nn.Module) -> nn.Module:
         """The fake-quantized copy of the teacher that training distils into (benchmarks override it)."""
         o = self.options
         return quantize_model(teacher, o.qw, o.qa, o.act_mode, o.weight_granularity, o.granq_impl, o.act_types)
 
+    def use_capturable(self, capturable: bool) -> None:
+        """Optimizers (their state carried over) and progress value for iterations captured as a CUDA graph, or
+        for eager ones (:func:`.optim.build_optimizers`)."""
+        self.capturable = capturable
+        self.opt_S, self.opt_G = build_optimizers(self.options, self.student_params, self.generator_params,
+                                                  capturable, previous=(self.opt_S, self.opt_G))
+        self.progress_tensor = device_scalar(self.device) if capturable else None  # set in set_learning_rates
+
     # ------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Everything :meth:`load_state_dict` needs to continue exactly; gathers every rank's RNG state."""
-        return checkpoints.trainer_state(self)
+        """``checkpoint.pt``'s record: options, metadata and :attr:`training_state` (gathers every rank's RNG)."""
+        state = self.training_state.state_dict()
+        return checkpoints.student_record(self.options.to_dict(), self.meta, state.pop("student"), **state)
 
     def load_state_dict(self, state: dict) -> None:
-        checkpoints.restore_trainer(self, state)
+        self.training_state.load_state_dict(state)
 
     def save_checkpoint(self) -> str:
         """Write ``checkpoint.pt`` (rank 0); every rank must call this, as it gathers their RNG states."""
@@ -167,8 +178,7 @@ class Trainer:
             return self.student_forward(images)
 
     def student_progress(self) -> float | torch.Tensor:
-        """Share of the student's training done at the current iteration (:func:`.optim.student_progress`); on CUDA
-        the tensor that :meth:`set_learning_rates` writes for it, which a captured graph reads."""
+        """Share of the student's training done now (:func:`.optim.student_progress`); where capturable, the tensor."""
         shared = self.progress_tensor
         return student_progress(self.options, self.epoch, self.iteration) if shared is None else shared
 
@@ -229,28 +239,18 @@ class Trainer:
     # -------------------------------------------------------------------------------- evaluation
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
         """Top-1/top-5 of ``model`` (the teacher or the student, ranges frozen) on the test set."""
-        set_act_tracking(model, False)
-        # The default layout, so that accuracies equal those of any plain implementation (channels_last
-        # convolutions round differently); it only speeds up training.
-        model.to(memory_format=torch.contiguous_format)
-        try:
-            return evaluate(model, self.test_loader, self.device)
-        finally:
-            model.to(memory_format=self.memory_format)
+        return evaluate_frozen(model, self.test_loader, self.device, self.memory_format)
 
     def _evaluate_student(self, epochs_done: int) -> None:
         self.last_top1, self.last_top5 = self.evaluate(self.student)
         if self.best_top1 is None or self.last_top1 > self.best_top1:
             self.best_top1, self.best_top5 = self.last_top1, self.last_top5
             if self.is_main:
-                record = checkpoints.student_record(self.options.to_dict(), self.meta, self.student.state_dict(),
-                                                    epoch=epochs_done, top1=self.best_top1, top5=self.best_top5)
-                checkpoints.save_run_file(record, os.path.join(self.run_dir, checkpoints.BEST_STUDENT), self.run_dir)
+                checkpoints.save_best_student(self, epochs_done)
 
     def _add_elapsed(self) -> None:
         now = time.time()
-        self.elapsed += now - self._session_start
-        self._session_start = now
+        self.elapsed, self._session_start = self.elapsed + now - self._session_start, now
 
     def fit(self) -> dict:
         """Run (or continue) training; return the summary."""

@@ -75,12 +75,17 @@ class BNStatistics:
             self._collecting = False
 
     def loss(self) -> torch.Tensor:
-        """Mean over layers of MSE(batch mean, running_mean) + MSE(biased batch var, running_var)."""
-        if len(self._stats) != len(self._layers):
-            raise RuntimeError(f"captured {len(self._stats)} BatchNorm inputs, expected {len(self._layers)}")
+        """Mean over layers of MSE(batch mean, running_mean) + MSE(biased batch var, running_var).
+
+        The collected statistics are handed over to the loss: none stays here, so that nothing this object holds
+        keeps the iteration's autograd graph alive after it (a CUDA graph capture must not meet a graph of an
+        eager iteration)."""
+        stats, self._stats = self._stats, []
+        if len(stats) != len(self._layers):
+            raise RuntimeError(f"captured {len(stats)} BatchNorm inputs, expected {len(self._layers)}")
         total = sum(F.mse_loss(mean, module.running_mean) + F.mse_loss(var, module.running_var)
-                    for mean, var, module in self._stats)
-        return total / len(self._stats)
+                    for mean, var, module in stats)
+        return total / len(stats)
 
     def remove(self) -> None:
         for handle in self._handles.values():
