@@ -17,6 +17,7 @@ from utils.training.losses import (
     StudentLoss,
     check_finite,
     entropy,
+    generator_loss,
     kd_loss,
     marginal_loss,
     onehot_loss,
@@ -26,7 +27,7 @@ from utils.training.losses import (
 from utils.training.losses.akt import AttentionDistillation
 from utils.training.losses.layers import last_spatial_conv, stage_blocks
 from utils.training.losses.plf import pseudo_label
-from utils.training.losses.synq import GradCamAlignment, lowpass, reliable_ce
+from utils.training.losses.synq import FeatureAlignment, GradCamAlignment, lowpass, reliable_ce
 
 
 def test_entropy_of_uniform_and_one_hot():
@@ -307,3 +308,57 @@ def test_non_finite_check_names_the_term_not_the_total():
     rows[2] = float("inf")
     with pytest.raises(NonFiniteLossError, match=r"loss cam became nan at epoch 1, iteration 12"):
         check_finite(rows, names, 10, 0, torch.device("cpu"), "run")
+
+
+def test_kl_term_by_hand_in_both_reductions():
+    t = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    s = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    per_sample = [kl(softmax([x / 2 for x in row_t]), softmax([x / 2 for x in row_s]))
+                  for row_t, row_s in zip(t.tolist(), s.tolist())]
+    options = SimpleNamespace(temperature=2.0, alpha=3.0, kl_reduction="batchmean")
+    value = STUDENT_LOSSES["kl"](batch_of(t, s), options)
+    assert value.item() == pytest.approx(3.0 * 4 * sum(per_sample) / 2, rel=1e-9)  # HAST, SynQ: over the batch
+    options.kl_reduction = "mean"  # GDFQ: over the batch and the 3 classes
+    assert STUDENT_LOSSES["kl"](batch_of(t, s), options).item() == pytest.approx(value.item() / 3, rel=1e-9)
+    value.backward()
+    assert s.grad.abs().sum() > 0
+
+
+def test_ce_term_is_the_cross_entropy_toward_the_generators_labels():
+    t, s, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    value = STUDENT_LOSSES["ce"](batch_of(t, s, labels=y), SimpleNamespace(ce_weight=2.0))
+    assert value.item() == pytest.approx(2.0 * F.cross_entropy(s, y).item(), rel=1e-6)
+
+
+def test_feature_alignment_by_hand():
+    # one sample, two channels of 1 x 2 positions: channel energies (1, 2) and (0.5, 1), each L2-normalised
+    a = torch.tensor([[[[1.0, 1.0]], [[2.0, 0.0]]]], dtype=torch.float64)
+    b = torch.tensor([[[[1.0, 0.0]], [[1.0, 1.0]]]], dtype=torch.float64, requires_grad=True)
+    term = FeatureAlignment(SimpleNamespace(feature_alignment_weight=10.0))
+    term.layer_names = ("block", "other")
+    value = term(batch_of(torch.zeros(1, 3), torch.zeros(1, 3), teacher_features={"block": a, "other": a},
+                          student_features={"block": b, "other": a}))
+    unit = [1 / math.sqrt(5), 2 / math.sqrt(5)]  # (1, 2) and (0.5, 1) point the same way: no difference there
+    assert value.item() == pytest.approx(0.0, abs=1e-12)
+    b2 = torch.tensor([[[[2.0, 0.0]], [[1.0, 1.0]]]], dtype=torch.float64, requires_grad=True)  # energies (2, 1)
+    value = term(batch_of(torch.zeros(1, 3), torch.zeros(1, 3), teacher_features={"block": a, "other": a},
+                          student_features={"block": b2, "other": a}))
+    expected = 10.0 * ((unit[1] - unit[0]) ** 2 + (unit[0] - unit[1]) ** 2) / 2
+    assert value.item() == pytest.approx(expected, rel=1e-9)
+    value.backward()
+    assert b2.grad.abs().sum() > 0
+
+
+def test_generator_loss_of_gdfq_and_adadfq():
+    t, s, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    bns = torch.tensor(2.0)
+    options = SimpleNamespace(generator_loss="gdfq", gamma=0.1, nClasses=10, alpha_ds=0.2, alpha_as=0.1,
+                              lambda_l=0.1, lambda_u=0.8, beta=1.0)
+    loss_G, marginal, onehot = generator_loss(options, t, s, y, bns)
+    assert onehot.item() == pytest.approx(F.cross_entropy(t, y).item()) and marginal.item() == 0.0
+    assert loss_G.item() == pytest.approx(F.cross_entropy(t, y).item() + 0.2)
+    options.generator_loss = "adadfq"
+    loss_G, marginal, onehot = generator_loss(options, t, s, y, bns)
+    assert torch.allclose(onehot, onehot_loss(t, s, y, 0.2, 0.1))
+    assert torch.allclose(marginal, marginal_loss(t, s, 10, 0.1, 0.8))
+    assert torch.allclose(loss_G, marginal + onehot + 0.1 * bns)

@@ -24,7 +24,7 @@ from ..data.eval_cache import EVAL_CACHE_MODES
 from ..models import get_model_spec
 from ..system.errors import ConfigError, UserError
 from ..training.graphs import CUDA_GRAPH_MODES
-from ..training.losses import input_filter_names, student_loss_names
+from ..training.losses import GENERATOR_LOSSES, input_filter_names, student_loss_names
 from ..training.optim import LR_POLICIES
 
 __all__ = ["DATASET_CLASSES", "GENERATORS", "LEGACY_KEYS", "Options", "RECIPES_DIR", "load_options", "load_recipe",
@@ -34,13 +34,13 @@ DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 GENERATORS = ("label_embedding", "conditional_bn")
 NETWORKS = ("S", "G")  # the suffixes of the student's and the generator's optimiser keys
 OPTIMIZERS = ("SGD", "Adam")
+KL_REDUCTIONS = ("batchmean", "mean")  # torch's KLDivLoss reductions that the kl term offers
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "recipes")
 
 # Keys of the official configs that have no effect here; accepted so published configs still load.
 LEGACY_KEYS = {
     "nGPU": "use torchrun for several GPUs",
     "visible_devices": "set CUDA_VISIBLE_DEVICES instead",
-    "alpha": "the official code never uses it",
     "fd_temperature": "the feature-distillation loss it belongs to is never used by the official code; the "
                       "attention term of student_losses reads attention_temperature",
 }
@@ -87,6 +87,7 @@ class Options:
     granq_impl: str = "auto"  # auto: compiled where torch.compile works, else eager
     act_types: list[str] = field(default_factory=lambda: list(DEFAULT_ACT_TYPES))  # activations followed by a QuantAct
     # Generator losses
+    generator_loss: str = "adadfq"  # adadfq (GranQ's: marginal + beta * onehot + gamma * bns) | gdfq (CE + gamma * bns)
     alpha_ds: float = 0.2
     alpha_as: float = 0.1
     lambda_l: float = 0.1
@@ -95,7 +96,7 @@ class Options:
     gamma: float = 1.0
     # Distillation
     temperature: float = 20.0
-    alpha: float = 1.0
+    alpha: float = 1.0  # the weight of the kl term (GDFQ: 1, SynQ: 20); GranQ's kd term does not read it
     fd_temperature: float = 8.0
     # The student's loss: registered terms (utils/losses, docs/addons.md) and the filter of its input images.
     # Defaults are the papers'; the dataset-specific ones are set in the CIFAR and ImageNet configs.
@@ -103,6 +104,9 @@ class Options:
     student_losses: list[str] = field(default_factory=lambda: ["kd"])
     student_input_filter: str = "none"  # none | lowpass
     lowpass_d0: float = 80.0  # SynQ: the low-pass cut-off radius at 224 px, scaled with the image size
+    kl_reduction: str = "batchmean"  # kl: batchmean (HAST, SynQ) | mean, over batch and classes (GDFQ)
+    ce_weight: float = 1.0  # GDFQ
+    feature_alignment_weight: float = 4000.0  # SynQ (lam of its ImageNet config)
     attention_weight: float = 1000.0  # AKT
     attention_temperature: float = 8.0  # AKT
     cam_weight: float = 200.0  # SynQ (its ImageNet 3-bit script: 50)
@@ -146,6 +150,7 @@ class Options:
         _choice(self, "opt_type", OPTIMIZERS)
         _choice(self, "granq_impl", GRANQ_IMPLS)
         _choice(self, "cuda_graph", CUDA_GRAPH_MODES)
+        _choice(self, "generator_loss", tuple(GENERATOR_LOSSES))
         if self.generator:
             _choice(self, "generator", GENERATORS)
         if not self.act_types:
@@ -206,10 +211,12 @@ class Options:
         if len(set(self.student_losses)) != len(self.student_losses):
             raise ConfigError(f"student_losses = {self.student_losses} lists a term twice")
         _choice(self, "student_input_filter", input_filter_names())
+        _choice(self, "kl_reduction", KL_REDUCTIONS)
         for key in ("lowpass_d0", "attention_temperature"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} = {getattr(self, key)} must be positive")
-        for key in ("attention_weight", "cam_weight", "reliable_ce_weight", "pseudo_label_beta", "pseudo_label_weight"):
+        for key in ("alpha", "ce_weight", "feature_alignment_weight", "attention_weight", "cam_weight",
+                    "reliable_ce_weight", "pseudo_label_beta", "pseudo_label_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} = {getattr(self, key)} must be at least 0")
         if not 0 < self.reliable_ce_tau <= 1:

@@ -29,9 +29,8 @@ from .losses import (
     StudentBatch,
     build_student_losses,
     check_finite,
+    generator_loss,
     make_input_filter,
-    marginal_loss,
-    onehot_loss,
 )
 from .metrics_writer import MetricsWriter
 from .optim import build_optimizers, device_scalar, set_learning_rates, student_progress
@@ -144,9 +143,7 @@ class Trainer:
             student_logits = self._student(images, sync=train_student and unfiltered)
 
         bns = self.bn_stats.loss()
-        onehot = onehot_loss(teacher_logits, student_logits, labels, o.alpha_ds, o.alpha_as)
-        marginal = marginal_loss(teacher_logits, student_logits, o.nClasses, o.lambda_l, o.lambda_u)
-        loss_G = marginal + o.beta * onehot + o.gamma * bns
+        loss_G, marginal, onehot = generator_loss(o, teacher_logits, student_logits, labels, bns)
         teacher_acc = (teacher_logits.argmax(dim=1) == labels).float().mean()
         # The official code runs the student a second time on the detached images for its own loss.
         # The student is in eval mode, so that forward gives these same logits: reuse them and let

@@ -1,5 +1,6 @@
-"""Losses of the generator (AdaSG/AdaDFQ-style): one-hot, marginal and BN-statistics, and the entropy they share
-with the distillation term."""
+"""Losses of the generator: AdaSG/AdaDFQ's one-hot and marginal losses (GranQ's), GDFQ's cross-entropy, the
+BN-statistics loss they all add, and the entropy they share with the distillation term. ``generator_loss`` picks
+the combination (:data:`GENERATOR_LOSSES`, :func:`generator_loss`)."""
 
 import math
 from contextlib import contextmanager
@@ -8,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BNStatistics", "entropy", "marginal_loss", "onehot_loss"]
+__all__ = ["BNStatistics", "GENERATOR_LOSSES", "entropy", "generator_loss", "marginal_loss", "onehot_loss"]
 
 
 def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -91,3 +92,32 @@ class BNStatistics:
         for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
+
+
+def _adadfq(options, teacher, student, labels, bns):
+    onehot = onehot_loss(teacher, student, labels, options.alpha_ds, options.alpha_as)
+    marginal = marginal_loss(teacher, student, options.nClasses, options.lambda_l, options.lambda_u)
+    return marginal + options.beta * onehot + options.gamma * bns, marginal, onehot
+
+
+def _gdfq(options, teacher, student, labels, bns):
+    ce = F.cross_entropy(teacher, labels)
+    return ce + options.gamma * bns, torch.zeros_like(ce), ce
+
+
+# generator_loss -> (options, teacher logits, student logits, labels, BN-statistics loss) -> (loss_G, marginal, onehot)
+GENERATOR_LOSSES = {"adadfq": _adadfq, "gdfq": _gdfq}
+
+
+def generator_loss(options, teacher: torch.Tensor, student: torch.Tensor, labels: torch.Tensor,
+                   bns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The generator's loss of ``options.generator_loss``, with the two parts recorded beside it: (loss_G, marginal,
+    onehot).
+
+    - ``adadfq`` (GranQ's, from AdaSG and AdaDFQ): loss_G = marginal + beta * onehot + gamma * bns, with
+      :func:`onehot_loss` and :func:`marginal_loss` of the teacher's and the student's logits;
+    - ``gdfq`` (Xu et al., ECCV 2020, its code's ``trainer.py``): loss_G = CE(teacher, y) + gamma * bns (GDFQ:
+      gamma = 0.1), the cross-entropy of the teacher toward the generator's labels, recorded as ``onehot``
+      (``marginal`` is 0); the student takes no part in it.
+    """
+    return GENERATOR_LOSSES[options.generator_loss](options, teacher, student, labels, bns)

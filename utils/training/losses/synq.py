@@ -4,11 +4,11 @@ a low-pass filter on the synthetic images, Grad-CAM alignment and cross-entropy 
 import torch
 import torch.nn.functional as F
 
-from .layers import last_spatial_conv
+from .layers import last_spatial_conv, stage_blocks
 from .registry import StudentLoss, register_input_filter, register_student_loss
 
-__all__ = ["CAM_EPS", "LOWPASS_REFERENCE_SIZE", "GradCamAlignment", "grad_cam", "gaussian_lowpass", "lowpass",
-           "reliable_ce", "upsample_bilinear"]
+__all__ = ["CAM_EPS", "LOWPASS_REFERENCE_SIZE", "FeatureAlignment", "GradCamAlignment", "grad_cam", "gaussian_lowpass",
+           "lowpass", "normalised_channel_energy", "reliable_ce", "upsample_bilinear"]
 
 LOWPASS_REFERENCE_SIZE = 224  # lowpass_d0 is the cut-off radius at this image size (SynQ's ImageNet code: 80)
 CAM_EPS = 1e-6  # floor of a map's range in its min-max normalisation
@@ -143,3 +143,32 @@ def reliable_ce(batch, options) -> torch.Tensor:
     easy = (difficulty < options.reliable_ce_tau).to(batch.student_logits.dtype)
     ce = F.cross_entropy(batch.student_logits, batch.labels, reduction="none")
     return options.reliable_ce_weight * (easy * ce).mean()
+
+
+def normalised_channel_energy(a: torch.Tensor) -> torch.Tensor:
+    """The per-channel spatial mean of a^2, L2-normalised over the channels: [N, C, H, W] -> [N, C] (SynQ's
+    ``channel_attention``)."""
+    a = a.to(torch.promote_types(a.dtype, torch.float32))  # half precision: in float32
+    return F.normalize(a.square().mean(dim=(2, 3)), dim=1)
+
+
+@register_student_loss("feature_alignment")
+class FeatureAlignment(StudentLoss):
+    """SynQ's feature alignment: L = w * sum_blocks mean_(n,c) (ca(b) - ca(a))^2, with a and b the teacher's and the
+    student's output of each residual block, ca :func:`normalised_channel_energy` and w = ``feature_alignment_weight``
+    (SynQ's code: ``lam`` = 4000, its ImageNet config).
+
+    Choice where the code reads other layers: the blocks are those of :func:`~.layers.stage_blocks` and their outputs
+    are taken after the residual sum (the block's output, for the student after its activation quantizer), as for
+    ``attention``; SynQ's code hooks pytorchcv's residual branch (``unit.body``) before the sum.
+    """
+
+    def layers(self, model, image):
+        return stage_blocks(model)
+
+    def __call__(self, batch):
+        total = batch.student_logits.new_zeros(())
+        for name in self.layer_names:
+            teacher = normalised_channel_energy(batch.teacher_features[name].detach())
+            total = total + (normalised_channel_energy(batch.student_features[name]) - teacher).square().mean()
+        return self.options.feature_alignment_weight * total
