@@ -3,9 +3,10 @@
 A run directory holds ``checkpoint.pt`` (everything needed to resume, after every epoch and on
 interruption) and ``best_student.pt`` (the student with the best top-1 so far). Both are dicts with
 ``format``, ``options`` (the resolved config as a dict), ``meta`` (id, seed, teacher weights source, ...)
-and ``student`` (its state dict); ``checkpoint.pt`` adds the generator, both optimizers, the position in
-training, the metrics so far and every rank's random states. All of them, and ``summary.json``, are written
-atomically (:mod:`utils.system.files`): a reader never sees half a file, and a failed write leaves none.
+and ``student`` (its state dict); ``checkpoint.pt`` adds the generator and both optimizers (the generator's and its
+optimizer's None in a run on a pool, which has no generator), the position in training, the metrics so far and
+every rank's random states. All of them, and ``summary.json``, are written atomically (:mod:`utils.system.files`):
+a reader never sees half a file, and a failed write leaves none.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .optim import load_optimizer_state
 
 __all__ = ["BEST_STUDENT", "CHECKPOINT", "FORMAT", "RunFileError", "atomic_save", "atomic_save_json", "capture_rng",
            "find_checkpoint", "find_student_file", "load_run_file", "restore_rng", "restore_trainer", "run_summary",
-           "save_run_file", "student_record", "trainer_state"]
+           "save_run_file", "state_of", "student_record", "trainer_state"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST_STUDENT = "best_student.pt"
@@ -146,12 +147,17 @@ def load_run_file(path: str, map_location="cpu", require=("options", "student"))
     return record
 
 
+def state_of(owner) -> dict | None:
+    """``owner.state_dict()`` (a module or an optimizer), or None for none (a pool's run has no generator)."""
+    return None if owner is None else owner.state_dict()
+
+
 def trainer_state(trainer) -> dict:
     """What ``checkpoint.pt`` holds of ``trainer``: enough for :func:`restore_trainer` to continue exactly.
     Gathers every rank's random states, so every rank must call it."""
     return student_record(
         trainer.options.to_dict(), trainer.meta, trainer.student.state_dict(),
-        generator=trainer.generator.state_dict(), opt_S=trainer.opt_S.state_dict(), opt_G=trainer.opt_G.state_dict(),
+        generator=state_of(trainer.generator), opt_S=trainer.opt_S.state_dict(), opt_G=state_of(trainer.opt_G),
         history=None if trainer.history is None else trainer.history.cpu(),
         rng=distributed.all_gather_objects(capture_rng(trainer.device, trainer.noise)),  # one entry per rank
         **{key: getattr(trainer, key) for key in RUN_STATE})
@@ -164,9 +170,14 @@ def restore_trainer(trainer, state: dict) -> None:
         raise UserError(f"the checkpoint was written by {len(rng)} process(es); resume it with as many "
                         f"(this run has {distributed.world_size()})")
     trainer.student.load_state_dict(state["student"])
-    trainer.generator.load_state_dict(state["generator"])
+    if (trainer.generator is None) != (state["generator"] is None):
+        raise UserError("the checkpoint was written by a run " + ("without" if state["generator"] is None else "with")
+                        + " a generator (image_source); resume it with the image_source that wrote it")
+    if trainer.generator is not None:
+        trainer.generator.load_state_dict(state["generator"])
     load_optimizer_state(trainer.opt_S, state["opt_S"])
-    load_optimizer_state(trainer.opt_G, state["opt_G"])
+    if trainer.opt_G is not None:
+        load_optimizer_state(trainer.opt_G, state["opt_G"])
     for key in RUN_STATE:
         setattr(trainer, key, state[key])
     history, names = state["history"], trainer.loss_names
@@ -186,7 +197,7 @@ def run_summary(trainer) -> dict:
         "student_top1": trainer.last_top1, "student_top5": trainer.last_top5,
         "best_top1": trainer.best_top1, "best_top5": trainer.best_top5, "epochs": trainer.epoch,
         **{key: getattr(o, key) for key in ("qw", "qa", "act_mode", "weight_granularity", "network", "dataset",
-                                            "batchSize", "iters_per_epoch")},
+                                            "batchSize", "iters_per_epoch", "image_source")},
         "world_size": distributed.world_size(),
         **trainer.meta,
         "seconds": round(trainer.elapsed, 3),

@@ -29,7 +29,7 @@ from quantization_utils import has_tracked_ranges, set_act_tracking
 
 from ..system import distributed
 from ..system.errors import UserError
-from .checkpoints import capture_rng
+from .checkpoints import capture_rng, state_of
 from .optim import load_optimizer_state
 
 __all__ = ["CHECK_ITERATIONS", "CUDA_GRAPH_MODES", "TOLERANCE", "WARMUP_ITERATIONS", "CaptureError", "GraphedStep",
@@ -148,13 +148,19 @@ class GraphedStep:
         self.tensors, self.addresses = [], []
 
 
+def _optimizers(trainer) -> list[torch.optim.Optimizer]:
+    """The student's optimizer and, where there is a generator, the generator's."""
+    return [opt for opt in (trainer.opt_S, trainer.opt_G) if opt is not None]
+
+
 def _graph_tensors(trainer) -> list[torch.Tensor]:
     """The tensors whose memory a captured step reads and writes outside its pool: modules, optimizer states,
     learning rates and the progress."""
-    tensors = [*trainer.student.state_dict(keep_vars=True).values(),
-               *trainer.generator.state_dict(keep_vars=True).values(),
-               *trainer.teacher.state_dict(keep_vars=True).values()]
-    for optimizer in (trainer.opt_S, trainer.opt_G):
+    modules = [m for m in (trainer.student, trainer.generator, trainer.teacher) if m is not None]
+    tensors = [tensor for module in modules for tensor in module.state_dict(keep_vars=True).values()]
+    if trainer.pool is not None:
+        tensors += [trainer.pool.images, trainer.pool.labels]
+    for optimizer in _optimizers(trainer):
         tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
         tensors += [g["lr"] for g in optimizer.param_groups if isinstance(g["lr"], torch.Tensor)]
     if trainer.progress_tensor is not None:
@@ -187,8 +193,8 @@ def snapshot(trainer) -> dict:
     """Copies of everything an iteration changes: student, generator, both optimizers, the random states, the
     position in training and the epoch's recorded values."""
     rng = capture_rng(trainer.device, trainer.noise)
-    return _clone({"student": trainer.student.state_dict(), "generator": trainer.generator.state_dict(),
-                   "opt_S": trainer.opt_S.state_dict(), "opt_G": trainer.opt_G.state_dict(),
+    return _clone({"student": trainer.student.state_dict(), "generator": state_of(trainer.generator),
+                   "opt_S": trainer.opt_S.state_dict(), "opt_G": state_of(trainer.opt_G),
                    "rng": {key: rng[key] for key in ("torch", "cuda", "noise") if key in rng},
                    "position": [trainer.epoch, trainer.iteration], "history": trainer.history})
 
@@ -198,9 +204,11 @@ def restore(trainer, state: dict) -> None:
     memory with ``state``, which may be restored again)."""
     state = _clone(state)
     trainer.student.load_state_dict(state["student"])
-    trainer.generator.load_state_dict(state["generator"])
+    if trainer.generator is not None:
+        trainer.generator.load_state_dict(state["generator"])
     load_optimizer_state(trainer.opt_S, state["opt_S"])
-    load_optimizer_state(trainer.opt_G, state["opt_G"])
+    if trainer.opt_G is not None:
+        load_optimizer_state(trainer.opt_G, state["opt_G"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng:
@@ -211,7 +219,7 @@ def restore(trainer, state: dict) -> None:
 
 
 def _scale_learning_rates(trainer, factor: float) -> None:
-    for optimizer in (trainer.opt_S, trainer.opt_G):
+    for optimizer in _optimizers(trainer):
         for group in optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].mul_(factor)
@@ -225,7 +233,8 @@ def run_iterations(trainer, step, epoch: int, train_student: bool, tracking: boo
     under ``recorded`` (name -> series). The learning rates are scaled by 1, 1 + 1/count, 1 + 2/count, ... on top
     of the schedule, so that a learning rate frozen at capture shows whatever the schedule."""
     set_act_tracking(trainer.student, tracking)
-    trainer.generator.train()
+    if trainer.generator is not None:
+        trainer.generator.train()
     rows = []
     for it in range(count):
         trainer.epoch, trainer.iteration = epoch, it

@@ -36,8 +36,9 @@ def learning_rate(base: float, policy: str, steps, decay: float, epoch: int, ite
 
 
 def set_learning_rates(options, opt_S, opt_G, epoch: int, iteration: int = 0,
-                       progress: torch.Tensor | None = None) -> tuple[float, float]:
-    """Set both optimizers' learning rates for ``iteration`` of ``epoch`` (0-based); return (lr_S, lr_G).
+                       progress: torch.Tensor | None = None) -> tuple[float, float | None]:
+    """Set both optimizers' learning rates for ``iteration`` of ``epoch`` (0-based); return (lr_S, lr_G). Without a
+    generator (``opt_G`` None) lr_G is None.
 
     A cosine schedule runs over the epochs each network trains in: the student's starts after warm-up.
     A learning rate held in a tensor (CUDA, :func:`build_optimizers`) is written in place, and so is ``progress``
@@ -46,8 +47,9 @@ def set_learning_rates(options, opt_S, opt_G, epoch: int, iteration: int = 0,
     o = options
     rates = []
     for net, optimizer, first_epoch in (("S", opt_S, o.warmup_epochs), ("G", opt_G, 0)):
-        rates.append(learning_rate(*o.schedule(net), epoch, iteration, o.iters_per_epoch, first_epoch, o.nEpochs))
-        for group in optimizer.param_groups:
+        rates.append(learning_rate(*o.schedule(net), epoch, iteration, o.iters_per_epoch, first_epoch, o.nEpochs)
+                     if optimizer is not None else None)
+        for group in optimizer.param_groups if optimizer is not None else ():
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(rates[-1])
             else:
@@ -71,8 +73,10 @@ def student_progress(options, epoch: int, iteration: int) -> float:
     done = (epoch - o.warmup_epochs) * o.iters_per_epoch + iteration
     return min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
 
-def build_optimizers(options, student_params, generator_params) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    """The student's optimizer (``opt_type``: Nesterov SGD or Adam) and the generator's Adam, as the official code.
+def build_optimizers(options, student_params, generator_params) -> tuple[torch.optim.Optimizer,
+                                                                         torch.optim.Optimizer | None]:
+    """The student's optimizer (``opt_type``: Nesterov SGD or Adam) and the generator's Adam, as the official code;
+    None for the generator's where it has no parameters (a run on a pool has no generator).
 
     On CUDA both are torch's fused implementations with the learning rate in a tensor on the device, whether or not
     the iteration is replayed as a CUDA graph (``cuda_graph``), so that graphed and eager runs compute the same: a
@@ -93,6 +97,8 @@ def build_optimizers(options, student_params, generator_params) -> tuple[torch.o
     else:
         opt_S = torch.optim.SGD(student_params, lr=rate(o.lr_S), momentum=o.momentum, weight_decay=o.weightDecay,
                                 nesterov=True, **settings)
+    if not generator_params:
+        return opt_S, None
     return opt_S, torch.optim.Adam(generator_params, lr=rate(o.lr_G), betas=(o.b1, o.b2), capturable=cuda,
                                    **settings)
 

@@ -18,10 +18,11 @@ from .registry import (
     make_input_filter,
     register_input_filter,
     register_student_loss,
+    student_loss,
     student_loss_names,
 )
 
 __all__ = ["BNStatistics", "FeatureCapture", "INPUT_FILTERS", "MissingLayersError", "NonFiniteLossError",
            "STUDENT_LOSSES", "StudentBatch", "StudentLoss", "TOTAL_LOSSES", "build_student_losses", "check_finite",
            "entropy", "input_filter_names", "kd_loss", "make_input_filter", "marginal_loss", "onehot_loss",
-           "register_input_filter", "register_student_loss", "student_loss_names"]
+           "register_input_filter", "register_student_loss", "student_loss", "student_loss_names"]
