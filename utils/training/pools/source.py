@@ -38,14 +38,16 @@ class PoolImages:
         teacher's and the student's outputs, the pool's labels as the batch's labels) and, unless ``train_student``
         is False (warm-up: the tracked activation ranges still move), the student's update.
 
-        Both networks read the filtered images where ``student_input_filter`` sets one. The teacher runs without
-        autograd unless a term reads layers (Grad-CAM differentiates the teacher's logits). Returns ``loss_S``, the
+        Both networks read the filtered images where ``student_input_filter`` sets one. Returns ``loss_S``, the
         teacher's accuracy on the labels, each term and any filter value, as the trainer's ``loss_names``."""
         images, labels = self.draw(trainer.noise)
         student_images = trainer.input_filter(images, trainer.options)
+        # A term that reads layers (Grad-CAM) differentiates the teacher's logits by its features: the teacher's
+        # weights are frozen, so the graph starts at its input. Otherwise the teacher runs without autograd.
+        graph = bool(trainer.features.layers)
         with trainer.features.capture():
-            with torch.set_grad_enabled(bool(trainer.features.layers)):
-                teacher_logits = trainer.teacher(student_images)
+            with torch.set_grad_enabled(graph):
+                teacher_logits = trainer.teacher(student_images.detach().requires_grad_() if graph else student_images)
             student_logits = trainer._student(student_images, sync=train_student)
         terms, loss_S = student_loss(trainer.student_losses, trainer.features.take(), teacher_logits, student_logits,
                                      labels, trainer.student_progress())

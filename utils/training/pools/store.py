@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from ...system import distributed
 from ...system.errors import UserError
 from ...system.files import WriteError, atomic_save, atomic_save_json, cache_directory
 from ...system.locks import fetching
+from ...system.stopping import RunInterrupted
 from .spec import FORMAT, PoolSpec, check_pool_options
 from .synthesis import Synthesis
 
@@ -194,6 +196,10 @@ class _Builder:
             sizes = self.spec.batches
             batches = [self._batch("batch", i, len(sizes), lambda i=i, size=size: synthesis.batch(i, size))
                        for i, size in enumerate(sizes)]
+        except KeyboardInterrupt:
+            kept = f"the finished batches stay in {self.folder}" if self.folder else "pool_cache = off keeps nothing"
+            raise RunInterrupted(f"interrupted while synthesising the pool; {kept}: run the same command again to "
+                                 f"resume", signal.SIGINT) from None
         finally:
             synthesis.close()
         summary = self._summarise(batches, centres, device)
