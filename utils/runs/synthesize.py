@@ -18,7 +18,7 @@ import sys
 from ..models import build_teacher, check_teacher
 from ..system import distributed
 from ..system.devices import configure_backends
-from ..system.errors import UserError
+from ..system.errors import report_errors
 from ..system.stopping import RunInterrupted
 from ..training.pools import check_pool_options, load_pool
 from .config import load_options
@@ -52,15 +52,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
                         force=True)
+
+    def command():
+        print(json.dumps(synthesize(args)), flush=True)
+
     try:
-        summary = synthesize(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except RunInterrupted as interrupted:
+        return report_errors(command)
+    except RunInterrupted as interrupted:  # Ctrl-C: the finished batches are kept
         print(str(interrupted), file=sys.stderr)
         return interrupted.exit_code
     finally:
         distributed.shutdown()
-    print(json.dumps(summary), flush=True)
-    return 0
