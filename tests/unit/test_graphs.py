@@ -21,6 +21,7 @@ from utils.training.graphs import (
     use_cuda_graphs,
 )
 from utils.training.optim import build_optimizers, load_optimizer_state
+from utils.training.pools import run_pool
 from utils.training.trainer import Trainer
 
 from ..conftest import CIFAR10_CONF
@@ -196,3 +197,41 @@ def test_a_checkpoint_keeps_the_values_and_the_run_keeps_its_optimizer(tmp_path)
     assert isinstance(trainer.opt_G.param_groups[0]["lr"], float) and not trainer.opt_G.param_groups[0]["fused"]
     opt_S, opt_G = build_optimizers(trainer.options, trainer.student_params, trainer.generator_params)
     assert all(isinstance(g["lr"], float) for opt in (opt_S, opt_G) for g in opt.param_groups)  # CPU: as before
+
+
+def make_pool_trainer(tmp_path, *sets):
+    """A trainer on a pool of 8 images synthesised in one step, kept in memory."""
+    options = load_options(CIFAR10_CONF, ["batchSize=4", "iters_per_epoch=4", "nEpochs=2", "warmup_epochs=1",
+                                          "granq_impl=eager", "image_source=pool", "pool_size=8", "pool_batch=8",
+                                          "pool_iters=1", "pool_cache=off", *sets])
+    torch.manual_seed(0)
+    teacher, _ = build_teacher(options.network, "random")
+    return Trainer(options, teacher, None, CPU, str(tmp_path), {"id": 0, "seed": 1}, run_pool(options, teacher, CPU))
+
+
+class FrozenDraws:
+    """A stand-in for a capture that froze the pool's draws: every iteration sees the first one's images."""
+
+    def __init__(self, trainer):
+        self.trainer, self.state = trainer, None
+
+    def __call__(self, train_student=True):
+        if self.state is None:
+            self.state = self.trainer.noise.get_state()
+        self.trainer.noise.set_state(self.state)
+        return self.trainer.step(train_student)
+
+
+def test_a_run_on_a_pool_checks_and_restores_without_a_generator(tmp_path):
+    trainer = make_pool_trainer(tmp_path, "student_losses=[kd, cam]")
+    assert trainer.generator is None and trainer.opt_G is None
+    assert any(t is trainer.pool.images for t in graphs._graph_tensors(trainer))  # the graph reads the pool in place
+    trainer.step(train_student=True)
+    before = snapshot(trainer)
+    assert before["generator"] is None and before["opt_G"] is None
+    assert self_check(trainer, lambda: trainer.step, count=COUNT) == []
+    assert compare_states(before, before, snapshot(trainer)) == []
+    differences = self_check(trainer, lambda: FrozenDraws(trainer), iteration_kinds(trainer)[-1:], count=COUNT)
+    assert any(line.startswith("student step: rng.noise") for line in differences), differences[:5]
+    assert any("student." in line for line in differences)
+    assert compare_states(before, before, snapshot(trainer)) == []
