@@ -209,19 +209,6 @@ def make_pool_trainer(tmp_path, *sets):
     return Trainer(options, teacher, None, CPU, str(tmp_path), {"id": 0, "seed": 1}, run_pool(options, teacher, CPU))
 
 
-class FrozenDraws:
-    """A stand-in for a capture that froze the pool's draws: every iteration sees the first one's images."""
-
-    def __init__(self, trainer):
-        self.trainer, self.state = trainer, None
-
-    def __call__(self, train_student=True):
-        if self.state is None:
-            self.state = self.trainer.noise.get_state()
-        self.trainer.noise.set_state(self.state)
-        return self.trainer.step(train_student)
-
-
 def test_a_run_on_a_pool_checks_and_restores_without_a_generator(tmp_path):
     trainer = make_pool_trainer(tmp_path, "student_losses=[kd, cam]")
     assert trainer.generator is None and trainer.opt_G is None
@@ -231,7 +218,8 @@ def test_a_run_on_a_pool_checks_and_restores_without_a_generator(tmp_path):
     assert before["generator"] is None and before["opt_G"] is None
     assert self_check(trainer, lambda: trainer.step, count=COUNT) == []
     assert compare_states(before, before, snapshot(trainer)) == []
-    differences = self_check(trainer, lambda: FrozenDraws(trainer), iteration_kinds(trainer)[-1:], count=COUNT)
+    # a capture that repeats the first iteration's draws of images and crops
+    differences = self_check(trainer, lambda: RepeatedLatents(trainer), iteration_kinds(trainer)[-1:], count=COUNT)
     assert any(line.startswith("student step: rng.noise") for line in differences), differences[:5]
     assert any("student." in line for line in differences)
     assert compare_states(before, before, snapshot(trainer)) == []
