@@ -10,6 +10,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+import utils.training.evaluate as evaluate_module  # noqa: E402
 import utils.training.trainer as trainer_module  # noqa: E402
 from utils.runs.run import main  # noqa: E402
 
@@ -40,8 +41,8 @@ class PausedLoader:
             yield batch
 
 
-evaluate = trainer_module.evaluate
-trainer_module.evaluate = lambda model, loader, device: evaluate(model, PausedLoader(loader), device)
+evaluate = evaluate_module.evaluate
+evaluate_module.evaluate = lambda model, loader, device: evaluate(model, PausedLoader(loader), device)
 trainer_module.Trainer.train_epoch = marked("training", trainer_module.Trainer.train_epoch)
 trainer_module.Trainer._evaluate_student = marked("evaluating", trainer_module.Trainer._evaluate_student)
 trainer_module.Trainer.step = paused(trainer_module.Trainer.step)

@@ -35,7 +35,7 @@ def random_resized_crops(images: torch.Tensor, generator: torch.Generator, min_s
     # affine_grid's coordinates run from -1 to 1 over the image: a box of share b has its centre within 1 - b of 0.
     centre_x = (2 * draws[:, 2] - 1) * (1 - box_width)
     centre_y = (2 * draws[:, 3] - 1) * (1 - box_height)
-    flip = torch.where(draws[:, 4] < 0.5, -1.0, 1.0).to(images.dtype)
+    flip = 1 - 2 * (draws[:, 4] < 0.5).to(images.dtype)  # -1: mirrored
     zero = torch.zeros_like(area)
     theta = torch.stack([torch.stack([box_width * flip, zero, centre_x], 1),
                          torch.stack([zero, box_height, centre_y], 1)], 1)
