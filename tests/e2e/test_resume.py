@@ -203,7 +203,7 @@ def test_resume_applies_evaluation_overrides_and_refuses_the_others(tmp_path, ci
         assert [line for line in err.splitlines() if line.startswith("error:")] == [
             "error: --resume: qw cannot change in a resumed run (qw: 4 -> 2); a resumed run may change only "
             "GPU, dataPath, nThreads, test_batch_size, log_interval, eval_every, eval_start_epoch, eval_cache, "
-            "tensorboard, cuda_graph. Add --force to change the others anyway"]
+            "tensorboard, cuda_graph, pool_cache. Add --force to change the others anyway"]
     code, lines = run_main(["--resume", run_dir, "--set", "nThreads=1", "--set", "test_batch_size=4"])
     assert code == 0 and last_json(lines)["run_dir"] == run_dir
     err = capsys.readouterr().err
