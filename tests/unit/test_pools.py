@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from utils.models import build_teacher
 from utils.runs.config import load_options
-from utils.system.errors import ConfigError
+from utils.system.errors import ConfigError, UserError
 from utils.system.files import WriteError
 from utils.system.stopping import RunInterrupted
 from utils.training.losses import BNStatistics
@@ -77,6 +77,22 @@ def test_focal_cross_entropy_weighs_hard_images_more():
     assert focal_cross_entropy(logits, labels, 0.5, 0.0).item() == pytest.approx(0.5 * ce.mean().item())
     assert focal_cross_entropy(logits, labels, 10.0, 2.0).item() == pytest.approx(
         10 * ((1 - p) ** 2 * ce).mean().item())
+    # a saturated softmax (p = 1 in float32) keeps its gradient finite, and beta = 0 is no term at all
+    saturated = torch.tensor([[40.0, 0.0, 0.0]], requires_grad=True)
+    focal_cross_entropy(saturated, torch.tensor([0]), 0.1, 0.5).backward()
+    assert torch.isfinite(saturated.grad).all()
+    assert focal_cross_entropy(logits, labels, 0.0, 0.5).item() == 0
+
+
+def test_a_synthesis_loss_that_is_not_finite_stops_with_one_error(tmp_path, teacher, monkeypatch):
+    import utils.training.pools.synthesis as synthesis_module
+
+    monkeypatch.setattr(synthesis_module, "focal_cross_entropy", lambda logits, *args: logits.sum() * float("nan"))
+    with pytest.raises(UserError, match=r"^pool: pool batch 1: the synthesis loss became nan at step 1 \(its terms: "
+                                        r"bns [\d.e+]+, ce nan\); lower pool_lr or the loss weights$"):
+        load_pool(spec_of(), teacher, str(tmp_path), CPU)
+    (folder,) = [f for f in tmp_path.iterdir() if f.is_dir()]
+    assert files_of(folder) == [MANIFEST]
 
 
 def test_crops_keep_the_size_and_range_and_follow_their_generator():

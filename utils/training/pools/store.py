@@ -164,6 +164,8 @@ class _Builder:
             raise self._damaged(name, "written for another pool or place")
         if _checksum(record["images"], record["labels"]) != record["sha256"]:
             raise self._damaged(name, "checksum mismatch")
+        if not torch.isfinite(record["images"]).all():
+            raise self._damaged(name, "images that are not finite")
         return record
 
     def _batch(self, kind: str, index: int, count: int, make) -> dict:

@@ -34,12 +34,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...system.errors import UserError
 from ..losses import BNStatistics
 from ..progress import Progress
 from .augment import random_resized_crops
 from .spec import PoolSpec
 
-__all__ = ["CENTRE_CE_WEIGHT", "CENTRE_LAYER_WEIGHTS", "CENTRE_MIN_LR", "Synthesis", "deeper_layers",
+__all__ = ["CENTRE_CE_WEIGHT", "CENTRE_LAYER_WEIGHTS", "CENTRE_MIN_LR", "FOCAL_FLOOR", "Synthesis", "deeper_layers",
            "focal_cross_entropy"]
 
 logger = logging.getLogger("granq")
@@ -58,13 +59,26 @@ def deeper_layers(count: int) -> int:
     return (count + 2) // 2 - 2
 
 
+# Floor of 1 - p in the focal weight: where the softmax saturates (p = 1 in float32) the weight and the
+# cross-entropy are 0, but the gradient of (1 - p)^gamma, gamma < 1, is infinite, and 0 * inf makes the images NaN.
+FOCAL_FLOOR = 1e-12
+
+
 def focal_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
     """beta * mean_n (1 - p_n)^gamma * CE(logits_n, y_n), p_n = softmax(logits_n)[y_n]: HAST's cross-entropy, which
     weighs the images the teacher finds hard more (gamma = 0: plain cross-entropy). The weight is not detached, as
-    in HAST's and SynQ's code."""
+    in HAST's and SynQ's code; its base 1 - p_n is floored at :data:`FOCAL_FLOOR` (their code takes NaN gradients
+    where p_n rounds to 1). beta = 0: no term at all (0, without a gradient).
+
+    >>> logits, labels = torch.tensor([[40.0, 0.0]], requires_grad=True), torch.tensor([0])
+    >>> focal_cross_entropy(logits, labels, 1.0, 0.5).backward(); bool(torch.isfinite(logits.grad).all())
+    True
+    """
+    if beta == 0:
+        return logits.new_zeros(())
     ce = F.cross_entropy(logits, labels, reduction="none")
     p = F.softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
-    return beta * ((1 - p).pow(gamma) * ce).mean()
+    return beta * ((1 - p).clamp(min=FOCAL_FLOOR).pow(gamma) * ce).mean()
 
 
 @contextlib.contextmanager
@@ -185,7 +199,12 @@ class Synthesis:
                 optimizer.zero_grad(set_to_none=True)
                 total.backward(inputs=[images])
                 optimizer.step()
-                scheduler.step(total.item())
+                value = total.item()
+                if not math.isfinite(value):
+                    raise UserError(f"pool: {name}: the synthesis loss became {value} at step {it + 1} (its terms: "
+                                    f"{', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); lower pool_lr "
+                                    f"or the loss weights")
+                scheduler.step(value)
                 shown.append(torch.stack([total.detach(), *terms.values()]))
                 if (it + 1) % self.log_interval == 0 or it + 1 == iters:
                     values = torch.stack(shown).mean(0).tolist()
