@@ -72,12 +72,16 @@ class StepFailed(Exception):
 
 
 class Check:
-    def __init__(self, device: str, quick: bool, results: str, keep_others: bool = False):
+    """Steps run one after the other into one log and one summary JSON, ``NAME[_quick]_DEVICE.{log,json}``."""
+
+    def __init__(self, device: str, quick: bool, results: str, keep_others: bool = False, name: str = "gpu_check",
+                 order=None):
         self.device, self.quick, self.results = device, quick, results
+        self.order = list(order if order is not None else STEPS)  # of the steps in the summary
         self.suffix = f"{'_quick' if quick else ''}_{device}"
         os.makedirs(results, exist_ok=True)
-        self.log_path = os.path.join(results, f"gpu_check{self.suffix}.log")
-        self.summary_path = os.path.join(results, f"gpu_check{self.suffix}.json")
+        self.log_path = os.path.join(results, f"{name}{self.suffix}.log")
+        self.summary_path = os.path.join(results, f"{name}{self.suffix}.json")
         self.steps: list[dict] = []
         # --only / --steps: the records of the steps not run now stay, from the summary of an earlier command
         self.earlier: list[dict] = []
@@ -116,7 +120,7 @@ class Check:
         start, cpu_start = time.time(), _children_cpu_seconds()
         record = {"step": name}
         try:
-            record.update(status="ok", **function(self))
+            record.update({"status": "ok", **function(self)})  # a step may say it was skipped
         except StepFailed as failure:
             record.update(status="FAILED", reason=str(failure))
         except Exception as error:  # a step's output not as expected: report it, run the next step
@@ -132,7 +136,7 @@ class Check:
     def write_summary(self) -> None:
         now = {record["step"] for record in self.steps}
         steps = sorted([r for r in self.earlier if r["step"] not in now] + self.steps,
-                       key=lambda r: list(STEPS).index(r["step"]) if r["step"] in STEPS else len(STEPS))
+                       key=lambda r: self.order.index(r["step"]) if r["step"] in self.order else len(self.order))
         with open(self.summary_path, "w") as f:
             json.dump({"environment": self.env, "device": self.device, "quick": self.quick,
                        "seconds": round(time.time() - self.started, 1), "steps": steps}, f, indent=1)

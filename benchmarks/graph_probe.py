@@ -3,11 +3,11 @@
     python benchmarks/graph_probe.py [--device cuda|cpu] [--modes ...] [--nondeterministic] [--json PATH]
 
 For each mode (the default loss, each add-on term of ``student_losses``, ``student_input_filter = lowpass``,
-``act_mode = layerwise`` while its ranges are tracked, training on a pool of synthetic images alone and with SynQ's
-terms) and each kind of iteration its run has (warm-up, student
-step, ranges tracked), it runs :func:`utils.training.graphs.self_check`: from one saved state, a few eager
-iterations, then as many through :class:`~utils.training.graphs.GraphedStep` (warm-up, capture, replays), and
-prints every value that differs: student, generator, both optimizers' states, random states, recorded values.
+``act_mode = layerwise`` and ``channel``, their ranges tracked, then frozen, and training on a pool of synthetic images
+alone and with SynQ's terms) and each kind of iteration its run has (warm-up, student step, ranges tracked), it runs
+:func:`utils.training.graphs.self_check`: from one saved state, a few eager iterations, then as many through
+:class:`~utils.training.graphs.GraphedStep` (warm-up, capture, replays), and prints every value that differs: student,
+generator, both optimizers' states, random states, recorded values.
 ``deterministic = true`` (the default here) asks for equality bit for bit; ``--nondeterministic`` for the
 tolerance of ``cuda_graph = auto`` without it.
 
@@ -62,6 +62,7 @@ MODES = {
     "pseudo_label": ["student_losses=[kd, pseudo_label]"],
     "lowpass": ["student_input_filter=lowpass"],
     "layerwise": ["act_mode=layerwise", "warmup_epochs=0", "act_range_epochs=1"],
+    "channel": ["act_mode=channel", "warmup_epochs=0", "act_range_epochs=1"],
     # a small pool synthesised in memory (two steps): no generator, the draws and crops from the noise stream
     "pool": ["image_source=pool", "pool_size=32", "pool_batch=32", "pool_iters=2", "pool_cache=off"],
     "pool_synq": ["image_source=pool", "pool_size=32", "pool_batch=32", "pool_iters=2", "pool_cache=off",

@@ -229,6 +229,9 @@ class ChannelRange(TrackedRange):
 
     def load_state(self, act, state_dict, prefix):
         saved = state_dict.get(prefix + "x_min")
-        # Only unsized ranges adopt the saved size; sized ones must match, as load_state_dict checks.
-        if act.x_min.numel() == 0 and isinstance(saved, torch.Tensor) and saved.dim() == 1:
+        # The ranges take the saved size where either side is still empty: a state saved before the first tracked
+        # batch empties them again, so that a restored trainer is the one that was saved. Two sized ranges must
+        # match, as load_state_dict checks.
+        if (isinstance(saved, torch.Tensor) and saved.dim() == 1 and saved.numel() != act.x_min.numel()
+                and 0 in (saved.numel(), act.x_min.numel())):
             self._resize(act, saved.numel())

@@ -8,7 +8,9 @@ import torch
 import utils.system.distributed as distributed
 from utils.system.devices import (
     CUBLAS_WORKSPACE,
+    MIN_TORCH,
     backend_flags,
+    check_torch,
     configure_backends,
     cuda_device,
     set_tf32_settings,
@@ -116,3 +118,24 @@ def test_tf32_is_set_through_fp32_precision_without_warnings(recwarn):
     flags = configure_backends(False, CUDA)
     assert torch.backends.cudnn.conv.fp32_precision == "tf32" and flags["tf32"]["conv"]
     assert [str(w.message) for w in recwarn] == []
+
+
+def test_an_older_torch_is_named_with_the_release_it_needs():
+    assert MIN_TORCH == (2, 6)
+    for version in ("2.6.0", "2.6.0+cu124", "2.14.1", "2.10.0a0+git1234", "3.0.0"):
+        check_torch(version)
+    with pytest.raises(UserError, match=r"^this code needs torch 2\.6 or newer, and torch 2\.5\.1\+cpu is installed: "
+                                        r"pip install 'torch>=2\.6'"):
+        check_torch("2.5.1+cpu")
+
+
+def test_a_run_with_an_older_torch_ends_in_one_error_line(tmp_path, monkeypatch, capsys):
+    from tests.conftest import run_main, tiny_run_args
+
+    monkeypatch.setattr(torch, "__version__", "2.3.0")
+    code, lines = run_main(tiny_run_args(tmp_path / "runs", tmp_path / "data"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines == []
+    assert err == ["error: this code needs torch 2.6 or newer, and torch 2.3.0 is installed: pip install "
+                   "'torch>=2.6' (or pip install -r requirements.txt)"]
+    assert not (tmp_path / "runs").exists()

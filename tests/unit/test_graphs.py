@@ -1,10 +1,13 @@
 """How a run chooses between graphed and eager iterations, and the self-check that compares them (on the CPU:
 eager against eager, and stand-ins for captures that change what is computed)."""
 
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.graph_probe import FrozenLearningRates, FrozenRanges, RepeatedLatents
+from benchmarks.graph_probe import MODES, FrozenLearningRates, FrozenRanges, RepeatedLatents
 from utils.models import build_teacher
 from utils.runs.config import load_options
 from utils.system import distributed
@@ -16,12 +19,14 @@ from utils.training.graphs import (
     compare_states,
     eager_reason,
     iteration_kinds,
+    restore,
     self_check,
     snapshot,
     use_cuda_graphs,
 )
-from utils.training.optim import build_optimizers, load_optimizer_state
+from utils.training.optim import build_optimizers, load_optimizer_state, optimizer_settings
 from utils.training.pools import run_pool
+from utils.training.state import clone_state
 from utils.training.trainer import Trainer
 
 from ..conftest import CIFAR10_CONF
@@ -35,11 +40,11 @@ def make_trainer(tmp_path, *sets):
                                           "granq_impl=eager", "teacher_weights=random", *sets])
     torch.manual_seed(0)
     teacher, _ = build_teacher(options.network, "random")
-    return Trainer(options, teacher, None, CPU, str(tmp_path), {"id": 0, "seed": 1})
+    return Trainer(options, teacher, None, CPU, str(tmp_path), {"id": 0, "seed": 1}, run_pool(options, teacher, CPU))
 
 
-def test_cuda_graph_takes_auto_on_or_off():
-    assert load_options(CIFAR10_CONF).cuda_graph == "auto"
+def test_cuda_graph_takes_auto_on_or_off_and_is_off_by_default():
+    assert load_options(CIFAR10_CONF).cuda_graph == "off"
     for mode in ("auto", "on", "off"):
         assert load_options(CIFAR10_CONF, [f"cuda_graph={mode}"]).cuda_graph == mode
     with pytest.raises(ConfigError, match="cuda_graph = 'true' is not valid; choose one of: auto, on, off"):
@@ -93,20 +98,20 @@ def test_compare_states_names_what_differs():
     before = {"student": {"w": torch.zeros(4)}, "rng": {"noise": torch.tensor([1, 2], dtype=torch.uint8)}}
     expected = {"student": {"w": torch.full((4,), 1.0)}, "rng": {"noise": torch.tensor([3, 4], dtype=torch.uint8)},
                 "recorded": {"loss_S": torch.tensor([2.0, 3.0])}, "position": [1, 2]}
-    assert compare_states(before, expected, graphs._clone(expected)) == []
-    nudged = graphs._clone(expected)
+    assert compare_states(before, expected, clone_state(expected)) == []
+    nudged = clone_state(expected)
     nudged["student"]["w"][0] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))  # one ulp
     assert compare_states(before, expected, nudged) == ["student.w: max |difference| 1.19e-07"]
     # within the tolerance: an update of size 2 changed by 1.2e-7
     assert compare_states(before, expected, nudged, tolerance=1e-2) == []
-    moved = graphs._clone(expected)
+    moved = clone_state(expected)
     moved["student"]["w"] *= 0.5  # half the update: a learning rate that did not change
     moved["rng"]["noise"][0] = 9
     moved["recorded"]["loss_S"][1] = 3.5
     moved["position"] = [1, 3]
     assert {line.split(":")[0] for line in compare_states(before, expected, moved, tolerance=1e-2)} == {
         "position.1", "recorded.loss_S", "rng.noise", "student.w"}
-    missing = graphs._clone(expected)
+    missing = clone_state(expected)
     del missing["recorded"]
     assert compare_states(before, expected, missing) == ["recorded.loss_S: only in the eager state"]
 
@@ -121,7 +126,7 @@ def test_eager_against_eager_agrees_bit_for_bit_and_leaves_the_trainer_as_it_was
 
 @pytest.mark.parametrize("stand_in, sets, must_name", [
     # the noise stream did not move on: its state and everything the latents feed
-    (RepeatedLatents, [], ["rng.noise", "generator.", "recorded.loss_G"]),
+    (RepeatedLatents, [], ["rng.0.noise", "generator.", "recorded.loss_G"]),
     # the rates of the first iteration: the optimizers' recorded rates and both networks' weights
     (FrozenLearningRates, ["warmup_epochs=0"], ["opt_S.param_groups.0.lr", "opt_G.param_groups.0.lr", "student."]),
     # ranges that stopped moving while they should be tracked
@@ -199,27 +204,156 @@ def test_a_checkpoint_keeps_the_values_and_the_run_keeps_its_optimizer(tmp_path)
     assert all(isinstance(g["lr"], float) for opt in (opt_S, opt_G) for g in opt.param_groups)  # CPU: as before
 
 
-def make_pool_trainer(tmp_path, *sets):
-    """A trainer on a pool of 8 images synthesised in one step, kept in memory."""
-    options = load_options(CIFAR10_CONF, ["batchSize=4", "iters_per_epoch=4", "nEpochs=2", "warmup_epochs=1",
-                                          "granq_impl=eager", "image_source=pool", "pool_size=8", "pool_batch=8",
-                                          "pool_iters=1", "pool_cache=off", *sets])
-    torch.manual_seed(0)
-    teacher, _ = build_teacher(options.network, "random")
-    return Trainer(options, teacher, None, CPU, str(tmp_path), {"id": 0, "seed": 1}, run_pool(options, teacher, CPU))
+def test_capture_optimizers_only_where_a_graph_is_captured(tmp_path):
+    assert optimizer_settings("cuda", capturable=False) == {"foreach": True}  # float learning rates, no warning
+    assert optimizer_settings("cuda", capturable=True) == {"fused": True, "capturable": True}
+    assert optimizer_settings("cpu", capturable=False) == optimizer_settings("cpu", capturable=True) == {}
+    for mode in ("off", "auto", "on"):
+        assert not graphs.may_capture(mode, CPU)
+    assert not graphs.may_capture("off", CUDA)
+    trainer = make_trainer(tmp_path, "cuda_graph=auto")
+    assert not trainer.capturable and trainer.progress_tensor is None
+    assert all(isinstance(g["lr"], float) for opt in (trainer.opt_S, trainer.opt_G) for g in opt.param_groups)
+
+
+class FakeStream:
+    def __init__(self, name):
+        self.name = name
+
+    def wait_stream(self, other):
+        pass
+
+
+class FakeCuda(graphs.CudaCalls):
+    """torch.cuda as GraphedStep calls it, on the CPU. A capture runs the step, then puts the trainer back (a real
+    capture records work and runs none) and fails at its end without leaving its stream, as ``torch.cuda.graph``
+    does when ``capture_end`` raises."""
+
+    def __init__(self, trainer):
+        self.trainer, self.main, self.captures = trainer, FakeStream("main"), 0
+        self.current = self.main
+
+    def check_device(self, device):
+        pass
+
+    def new_stream(self, device):
+        return FakeStream("side")
+
+    def current_stream(self, device):
+        return self.current
+
+    def set_stream(self, stream):
+        self.current = stream
+
+    @contextlib.contextmanager
+    def on_stream(self, stream):
+        previous, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def new_graph(self):
+        return object()
+
+    @contextlib.contextmanager
+    def capture(self, graph, stream):
+        self.captures += 1
+        saved = snapshot(self.trainer)
+        self.current = stream
+        yield
+        restore(self.trainer, saved)
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nat capture_end")
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_a_failed_capture_leaves_a_usable_process(tmp_path, monkeypatch, caplog, mode):
+    monkeypatch.setattr(graphs, "_failed_capture", None)
+    trainer, reference = make_trainer(tmp_path / "graphed"), make_trainer(tmp_path / "eager")  # the same run twice
+    fake = FakeCuda(trainer)
+    monkeypatch.setattr(graphs, "CUDA", fake)
+    registered = trainer.noise
+    trainer.graphed_step = GraphedStep(trainer, warmup=1, on_failure=graphs._fall_back(trainer, mode))
+    for it in range(22):  # one eager iteration on the side stream, the failed capture, then 20 eager ones
+        for run in (trainer, reference):
+            run.set_learning_rates(1, it)
+        if it == 1 and mode == "on":
+            with pytest.raises(UserError, match=r"^cuda_graph = on: capture failed at epoch 1 \(CUDA error: "
+                                                r"operation not permitted when stream is capturing\); set"):
+                trainer.graphed_step(True)
+            assert fake.current is fake.main and trainer.noise is not registered
+            return
+        values = (trainer.graphed_step or trainer.step)(True)
+        assert torch.equal(values, reference.step(True)), it  # the noise stream went on where it was
+    assert fake.captures == 1 and fake.current is fake.main  # no second capture; back on the main stream
+    assert trainer.noise is not registered  # a fresh generator, with the state the registered one had
+    assert trainer.graphed_step is None and trainer.meta["cuda_graph"].startswith("eager: capture failed at epoch 1")
+    assert compare_states(snapshot(reference), snapshot(reference), snapshot(trainer)) == []
+    assert [r.getMessage() for r in caplog.records if r.name == "granq" and r.levelname == "WARNING"] == [
+        "cuda_graph = auto: capture failed at epoch 1 (CUDA error: operation not permitted when stream is "
+        "capturing); training runs eager"]
+    assert graphs.capture_failed() is not None
+    assert eager_reason("auto", CUDA).startswith("eager: a CUDA graph capture failed earlier in this process")
+
+
+def test_a_capture_that_fails_in_the_self_check_leaves_the_trainer_and_its_noise_as_they_were(tmp_path, monkeypatch):
+    monkeypatch.setattr(graphs, "_failed_capture", None)
+    trainer = make_trainer(tmp_path)
+    before, registered = snapshot(trainer), trainer.noise
+    monkeypatch.setattr(graphs, "CUDA", FakeCuda(trainer))
+    monkeypatch.setattr(graphs, "eager_reason", lambda mode, device: None)
+    assert use_cuda_graphs(trainer, "auto").startswith("eager: capture failed (warm-up: CUDA error: operation not "
+                                                       "permitted when stream is capturing)")
+    assert trainer.noise is not registered and graphs.CUDA.current is graphs.CUDA.main
+    assert compare_states(before, before, snapshot(trainer)) == []
+    trainer.step(True)  # and the run goes on
+
+
+# ATen operations that torch.use_deterministic_algorithms(True) refuses on CUDA (they raise there), from the list in
+# that function's documentation, by the names a training step would call them.
+CUDA_NONDETERMINISTIC = {
+    "upsample_linear1d_backward", "upsample_bilinear2d_backward", "upsample_bicubic2d_backward",
+    "upsample_trilinear3d_backward", "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward",
+    "adaptive_max_pool2d_backward", "avg_pool3d_backward", "fractional_max_pool2d_backward",
+    "fractional_max_pool3d_backward", "max_unpool2d", "max_unpool3d", "reflection_pad1d_backward",
+    "reflection_pad2d_backward", "reflection_pad3d_backward", "nll_loss2d_forward", "_ctc_loss_backward", "put_",
+    "histc", "bincount", "median", "grid_sampler_2d_backward", "grid_sampler_3d_backward", "_embedding_bag_backward",
+}
+
+
+class OperatorLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_deterministic_step_calls_no_operation_that_cuda_refuses(tmp_path, mode):
+    """deterministic = true on CUDA raises at any operation torch has no deterministic CUDA kernel for: none may
+    run in a step of any mode (the CPU runs the same operators, forward and backward)."""
+    trainer = make_trainer(tmp_path, *MODES[mode], "deterministic=true")
+    torch.use_deterministic_algorithms(True)
+    for train_student in (False, True):
+        with OperatorLog() as log:
+            trainer.step(train_student)
+        assert not log.names & CUDA_NONDETERMINISTIC, sorted(log.names & CUDA_NONDETERMINISTIC)
 
 
 def test_a_run_on_a_pool_checks_and_restores_without_a_generator(tmp_path):
-    trainer = make_pool_trainer(tmp_path, "student_losses=[kd, cam]")
+    trainer = make_trainer(tmp_path, *MODES["pool"], "student_losses=[kd, cam]")
     assert trainer.generator is None and trainer.opt_G is None
     assert any(t is trainer.pool.images for t in graphs._graph_tensors(trainer))  # the graph reads the pool in place
     trainer.step(train_student=True)
     before = snapshot(trainer)
-    assert before["generator"] is None and before["opt_G"] is None
+    assert "generator" not in before and "opt_G" not in before
     assert self_check(trainer, lambda: trainer.step, count=COUNT) == []
     assert compare_states(before, before, snapshot(trainer)) == []
     # a capture that repeats the first iteration's draws of images and crops
     differences = self_check(trainer, lambda: RepeatedLatents(trainer), iteration_kinds(trainer)[-1:], count=COUNT)
-    assert any(line.startswith("student step: rng.noise") for line in differences), differences[:5]
+    assert any(line.startswith("student step: rng.0.noise") for line in differences), differences[:5]
     assert any("student." in line for line in differences)
     assert compare_states(before, before, snapshot(trainer)) == []

@@ -7,14 +7,8 @@ from quantization_utils import QuantAct, QuantConv2d, set_act_tracking
 from utils.models import build_teacher
 from utils.runs.config import load_options
 from utils.runs.saved import load_quantized_model
-from utils.training.checkpoints import (
-    BEST_STUDENT,
-    CHECKPOINT,
-    RunFileError,
-    capture_rng,
-    find_student_file,
-    restore_rng,
-)
+from utils.training.checkpoints import BEST_STUDENT, CHECKPOINT, RunFileError, find_student_file
+from utils.training.state import capture_rng, restore_rng
 from utils.training.trainer import Trainer
 
 from ..conftest import CIFAR10_CONF, CIFAR10A_CONF

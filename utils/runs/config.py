@@ -59,7 +59,7 @@ class Options:
     visible_devices: str = ""
     nThreads: int = 8  # data loader workers for evaluation
     deterministic: bool = False  # true: the same --id gives the same run on CUDA too, slower (utils/system/devices.py)
-    cuda_graph: str = "auto"  # auto | on | off: the training iteration replayed as a CUDA graph (training/graphs.py)
+    cuda_graph: str = "off"  # off | auto | on: the training iteration replayed as a CUDA graph (training/graphs.py)
     experimentID: str = "cifar10_3bit"
     nClasses: int = 10
     # Student optimisation

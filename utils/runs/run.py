@@ -35,7 +35,7 @@ from ..data.workers import close_workers
 from ..models import build_teacher, check_teacher, example_image
 from ..reports.plots import plot_run
 from ..system import distributed
-from ..system.devices import configure_backends
+from ..system.devices import check_torch, configure_backends
 from ..system.errors import UserError
 from ..system.stopping import RunInterrupted
 from ..training.checkpoints import RunFileError, atomic_save_json, find_checkpoint, load_run_file, save_run_file
@@ -113,7 +113,7 @@ def _add_file_log(run_dir: str) -> logging.Handler:
 
 def _load_checkpoint(run_dir: str) -> dict:
     try:
-        return load_run_file(find_checkpoint(run_dir), require=("generator", "rng", "meta"))
+        return load_run_file(find_checkpoint(run_dir), require=("rng", "meta"))  # a pool's run has no generator
     except RunFileError as error:
         raise UserError(f"--resume: {error}") from None
 
@@ -266,6 +266,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format=LOG_FORMAT, stream=sys.stderr,
                         force=True)
     try:
+        check_torch()
         summary = evaluate_saved(args.eval, overrides=args.set) if args.eval else run(args)
     except UserError as error:
         if args.debug:

@@ -7,20 +7,40 @@ reproducibility (``deterministic``); :func:`backend_flags` reads back the ones i
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
 
 from .errors import UserError
 
-__all__ = ["CUBLAS_WORKSPACE", "backend_flags", "configure_backends", "cuda_device", "set_tf32_settings",
-           "tf32_settings"]
+__all__ = ["CUBLAS_WORKSPACE", "MIN_TORCH", "backend_flags", "check_torch", "configure_backends", "cuda_device",
+           "set_tf32_settings", "tf32_settings"]
 
 # cuBLAS is deterministic only with a fixed workspace (CUDA's documentation; torch checks the variable).
 CUBLAS_WORKSPACE = ":4096:8"
 # Where torch has the ``fp32_precision`` settings, TF32 is set and read through them only: torch warns about the
 # legacy ``allow_tf32`` flags, and refuses to read them once the new settings were used.
 _PRECISION_API = hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
+
+# The oldest torch that has every API this code calls: torch.onnx.export's ``dynamo`` and ``optimize`` arguments
+# (tools/export.py); training alone needs 2.4 (fused SGD with a tensor learning rate, torch.library.custom_op).
+MIN_TORCH = (2, 6)
+
+
+def check_torch(version: str | None = None) -> None:
+    """Raise :class:`UserError` naming the release needed where ``version`` (this torch's) is older than
+    :data:`MIN_TORCH`."""
+    version = torch.__version__ if version is None else version
+    numbers = []
+    for part in version.split("+")[0].split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        numbers.append(int(digits) if digits else 0)
+    if tuple(numbers) < MIN_TORCH:
+        needed = ".".join(map(str, MIN_TORCH))
+        raise UserError(f"this code needs torch {needed} or newer, and torch {version} is installed: "
+                        f"pip install 'torch>={needed}' (or pip install -r requirements.txt)")
+
 
 
 def tf32_settings() -> dict:

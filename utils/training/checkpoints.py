@@ -3,37 +3,31 @@
 A run directory holds ``checkpoint.pt`` (everything needed to resume, after every epoch and on
 interruption) and ``best_student.pt`` (the student with the best top-1 so far). Both are dicts with
 ``format``, ``options`` (the resolved config as a dict), ``meta`` (id, seed, teacher weights source, ...)
-and ``student`` (its state dict); ``checkpoint.pt`` adds the generator and both optimizers (the generator's and its
-optimizer's None in a run on a pool, which has no generator), the position in training, the metrics so far and
-every rank's random states. All of them, and ``summary.json``, are written atomically (:mod:`utils.system.files`):
-a reader never sees half a file, and a failed write leaves none.
+and ``student`` (its state dict); ``checkpoint.pt`` adds the generator and both optimizers (a run on a pool has
+neither the generator nor its optimizer), the position in training, the metrics so far and every rank's random
+states. All of them, and ``summary.json``, are written atomically (:mod:`utils.system.files`): a reader never sees
+half a file, and a failed write leaves none.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import sys
 
-import numpy as np
 import torch
 
 from ..system import distributed
 from ..system.errors import UserError
 from ..system.files import WriteError, atomic_save, atomic_save_json
-from .optim import load_optimizer_state
 
-__all__ = ["BEST_STUDENT", "CHECKPOINT", "FORMAT", "RunFileError", "atomic_save", "atomic_save_json", "capture_rng",
-           "find_checkpoint", "find_student_file", "load_run_file", "restore_rng", "restore_trainer", "run_summary",
-           "save_run_file", "state_of", "student_record", "trainer_state"]
+__all__ = ["BEST_STUDENT", "CHECKPOINT", "FORMAT", "RunFileError", "atomic_save", "atomic_save_json",
+           "find_checkpoint", "find_student_file", "load_run_file", "run_summary", "save_best_student",
+           "save_run_file", "student_record"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST_STUDENT = "best_student.pt"
 FORMAT = 1  # bump when the layout changes in a way older code cannot read
 SUPPORTED_FORMATS = (1,)
-# Trainer attributes saved in checkpoint.pt as they are.
-RUN_STATE = ("epoch", "iteration", "best_top1", "best_top5", "last_top1", "last_top5", "teacher_top1",
-             "teacher_top5", "metrics", "elapsed")
 
 
 class RunFileError(UserError):
@@ -43,6 +37,13 @@ class RunFileError(UserError):
 def student_record(options: dict, meta: dict, student_state: dict, **fields) -> dict:
     """The common layout of both files: format, options, meta and the student, plus ``fields``."""
     return {"format": FORMAT, "options": options, "meta": meta, "student": student_state, **fields}
+
+
+def save_best_student(trainer, epochs_done: int) -> None:
+    """Write ``best_student.pt``: ``trainer``'s student as it is now, its best top-1/top-5 and its epochs done."""
+    record = student_record(trainer.options.to_dict(), trainer.meta, trainer.student.state_dict(),
+                            epoch=epochs_done, top1=trainer.best_top1, top5=trainer.best_top5)
+    save_run_file(record, os.path.join(trainer.run_dir, BEST_STUDENT), trainer.run_dir)
 
 
 def save_run_file(record, path: str, run_dir: str, write=atomic_save) -> None:
@@ -59,41 +60,6 @@ def save_run_file(record, path: str, run_dir: str, write=atomic_save) -> None:
         resume = (f"free some space, then resume with: python {sys.argv[0]} --resume {run_dir}"
                   if os.path.exists(checkpoint) else "free some space and start the run again")
         raise WriteError(f"{error}; {kept}; {resume}", error.path, error.needed, error.free) from None
-
-
-def capture_rng(device: torch.device | None = None, noise: torch.Generator | None = None) -> dict:
-    """This process's random states: torch's, Python's, NumPy's, the CUDA state of ``device`` (its own GPU,
-    not every visible one) and the state of the training noise generator ``noise``."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    if noise is not None:
-        state["noise"] = noise.get_state()
-    return state
-
-
-def restore_rng(state: dict, device: torch.device | None = None, noise: torch.Generator | None = None) -> None:
-    """Undo everything drawn since :func:`capture_rng` returned ``state``.
-
-    The CUDA state goes to ``device`` whatever its index, so a run may resume on a machine with other GPUs
-    visible. Files of earlier versions hold a list with one state per visible GPU: the entry of ``device``'s
-    index is restored. A file without a ``noise`` state (written before the noise had its own stream) leaves
-    ``noise`` as seeded.
-    """
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    cuda = state.get("cuda")
-    if isinstance(cuda, list):
-        index = device.index or 0 if device is not None else 0
-        if index >= len(cuda):
-            raise RunFileError(f"the checkpoint holds the random states of {len(cuda)} GPU(s), none for GPU "
-                               f"{index}; resume it on one of GPUs 0..{len(cuda) - 1}")
-        cuda = cuda[index]
-    if cuda is not None and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, device)
-    if noise is not None and "noise" in state:
-        noise.set_state(state["noise"])
 
 
 def find_checkpoint(run_dir: str) -> str:
@@ -145,48 +111,6 @@ def load_run_file(path: str, map_location="cpu", require=("options", "student"))
         raise RunFileError(f"{file!r} holds no {', '.join(missing)} ({BEST_STUDENT} holds only the student; "
                            f"use {CHECKPOINT})")
     return record
-
-
-def state_of(owner) -> dict | None:
-    """``owner.state_dict()`` (a module or an optimizer), or None for none (a pool's run has no generator)."""
-    return None if owner is None else owner.state_dict()
-
-
-def trainer_state(trainer) -> dict:
-    """What ``checkpoint.pt`` holds of ``trainer``: enough for :func:`restore_trainer` to continue exactly.
-    Gathers every rank's random states, so every rank must call it."""
-    return student_record(
-        trainer.options.to_dict(), trainer.meta, trainer.student.state_dict(),
-        generator=state_of(trainer.generator), opt_S=trainer.opt_S.state_dict(), opt_G=state_of(trainer.opt_G),
-        history=None if trainer.history is None else trainer.history.cpu(),
-        rng=distributed.all_gather_objects(capture_rng(trainer.device, trainer.noise)),  # one entry per rank
-        **{key: getattr(trainer, key) for key in RUN_STATE})
-
-
-def restore_trainer(trainer, state: dict) -> None:
-    """Put ``trainer`` where :func:`trainer_state` found it: modules, optimizers, position, random states."""
-    rng = state["rng"]
-    if len(rng) != distributed.world_size():
-        raise UserError(f"the checkpoint was written by {len(rng)} process(es); resume it with as many "
-                        f"(this run has {distributed.world_size()})")
-    trainer.student.load_state_dict(state["student"])
-    if (trainer.generator is None) != (state["generator"] is None):
-        raise UserError("the checkpoint was written by a run " + ("without" if state["generator"] is None else "with")
-                        + " a generator (image_source); resume it with the image_source that wrote it")
-    if trainer.generator is not None:
-        trainer.generator.load_state_dict(state["generator"])
-    load_optimizer_state(trainer.opt_S, state["opt_S"])
-    if trainer.opt_G is not None:
-        load_optimizer_state(trainer.opt_G, state["opt_G"])
-    for key in RUN_STATE:
-        setattr(trainer, key, state[key])
-    history, names = state["history"], trainer.loss_names
-    if history is not None and history.shape[1] != len(names):
-        raise UserError(f"the checkpoint was written in the middle of an epoch with {history.shape[1]} recorded "
-                        f"values per iteration, and this run records {len(names)} ({', '.join(names)}): resume it "
-                        f"with the code and student_losses that wrote it")
-    trainer.history = None if history is None else history.to(trainer.device)
-    restore_rng(rng[distributed.rank()], trainer.device, trainer.noise)
 
 
 def run_summary(trainer) -> dict:

@@ -36,10 +36,12 @@ def evaluate(model: nn.Module, loader, device) -> tuple[float, float]:
     return 100.0 * top1_hits / total, 100.0 * top5_hits / total
 
 
-def evaluate_frozen(model: nn.Module, loader, device, memory_format: torch.memory_format) -> tuple[float, float]:
-    """:func:`evaluate` of ``model`` with its tracked activation ranges frozen, in the default memory layout, so
-    that accuracies equal those of any plain implementation (channels_last convolutions round differently; that
-    layout, ``memory_format``, only speeds up training and is put back after)."""
+def evaluate_frozen(model: nn.Module, loader, device, memory_format=torch.contiguous_format) -> tuple[float, float]:
+    """:func:`evaluate` of a student or teacher with its activation ranges frozen, in the default memory layout.
+
+    The default layout, so that accuracies equal those of any plain implementation (channels_last convolutions
+    round differently); ``model`` is then put back in ``memory_format``, the layout it trains in.
+    """
     set_act_tracking(model, False)
     model.to(memory_format=torch.contiguous_format)
     try:

@@ -5,7 +5,7 @@ import math
 import torch
 
 __all__ = ["IMPLEMENTATION_KEYS", "LR_POLICIES", "build_optimizers", "device_scalar", "learning_rate",
-           "load_optimizer_state", "set_learning_rates", "student_progress"]
+           "load_optimizer_state", "optimizer_settings", "set_learning_rates", "student_progress"]
 
 LR_POLICIES = ("multi_step", "const", "cosine")
 # Settings of a param group that say how the optimizer computes, not what: kept from the run when a file is loaded.
@@ -73,34 +73,54 @@ def student_progress(options, epoch: int, iteration: int) -> float:
     done = (epoch - o.warmup_epochs) * o.iters_per_epoch + iteration
     return min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
 
-def build_optimizers(options, student_params, generator_params) -> tuple[torch.optim.Optimizer,
-                                                                         torch.optim.Optimizer | None]:
-    """The student's optimizer (``opt_type``: Nesterov SGD or Adam) and the generator's Adam, as the official code;
-    None for the generator's where it has no parameters (a run on a pool has no generator).
+def optimizer_settings(device_type: str, capturable: bool) -> dict:
+    """How the optimizers compute on ``device_type``: for a captured CUDA graph (``capturable``) torch's fused
+    implementations, which take a learning rate in a device tensor without a synchronisation, with Adam
+    ``capturable``; for eager CUDA iterations the multi-tensor (``foreach``) ones with float rates; on the CPU the
+    plain ones.
 
-    On CUDA both are torch's fused implementations with the learning rate in a tensor on the device, whether or not
-    the iteration is replayed as a CUDA graph (``cuda_graph``), so that graphed and eager runs compute the same: a
-    graph reads the learning rate from memory (a Python float would be frozen at capture), and torch's SGD takes a
-    tensor learning rate without a device synchronisation only fused; Adam must also be ``capturable``. On the CPU
-    they are the plain implementations with float rates, as before.
+    >>> optimizer_settings("cuda", capturable=False)
+    {'foreach': True}
+    """
+    if device_type != "cuda":
+        return {}
+    return {"fused": True, "capturable": True} if capturable else {"foreach": True}
+
+
+def build_optimizers(options, student_params, generator_params, capturable: bool = False,
+                     previous=(None, None)) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """The student's optimizer (``opt_type``: Nesterov SGD or Adam) and the generator's Adam, as the official code,
+    computing as :func:`optimizer_settings` says; ``previous`` optimizers (where not None) hand over their state. No
+    generator parameters (a run on a pool): no generator optimizer, None.
+
+    ``capturable`` (CUDA only): the optimizers of a run whose iterations are captured as a CUDA graph, the self-check
+    included; the learning rates live in device tensors that :func:`set_learning_rates` writes in place, as a graph
+    would keep a Python float at its captured value.
     """
     o = options
-    cuda = student_params[0].device.type == "cuda"
-    settings = {"fused": True} if cuda else {}
+    device = student_params[0].device
+    settings = optimizer_settings(device.type, capturable)
+    capture = settings.pop("capturable", False)
 
     def rate(value: float):
-        return torch.tensor(value, device=student_params[0].device) if cuda else value
+        return torch.tensor(value, device=device) if capture else value
 
     if o.opt_type == "Adam":
-        opt_S = torch.optim.Adam(student_params, lr=rate(o.lr_S), weight_decay=o.weightDecay, capturable=cuda,
+        opt_S = torch.optim.Adam(student_params, lr=rate(o.lr_S), weight_decay=o.weightDecay, capturable=capture,
                                  **settings)
     else:
         opt_S = torch.optim.SGD(student_params, lr=rate(o.lr_S), momentum=o.momentum, weight_decay=o.weightDecay,
                                 nesterov=True, **settings)
-    if not generator_params:
-        return opt_S, None
-    return opt_S, torch.optim.Adam(generator_params, lr=rate(o.lr_G), betas=(o.b1, o.b2), capturable=cuda,
-                                   **settings)
+    opt_G = torch.optim.Adam(generator_params, lr=rate(o.lr_G), betas=(o.b1, o.b2), capturable=capture,
+                             **settings) if generator_params else None
+    for optimizer in filter(None, (opt_S, opt_G)):
+        # torch warns once per instance when a capturable optimizer steps outside a capture; these are meant to,
+        # in the eager iterations before each capture and in the self-check.
+        optimizer._warned_capturable_if_run_uncaptured = True
+    for optimizer, old in zip((opt_S, opt_G), previous):
+        if old is not None and optimizer is not None:
+            load_optimizer_state(optimizer, old.state_dict())
+    return opt_S, opt_G
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -108,8 +128,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
     The file gives the values (moments, steps, learning rates); the run keeps its implementation
     (:data:`IMPLEMENTATION_KEYS`), its learning-rate tensors (written in place, so their memory stays where a
-    captured graph reads it) and a fused or capturable Adam's step counts on the device. So a checkpoint written
-    on the CPU resumes on CUDA and one written on CUDA resumes on the CPU, each computing as a fresh run there.
+    captured graph reads it) and Adam's step counts where its implementation keeps them. So a checkpoint written
+    on the CPU resumes on CUDA, one written on CUDA resumes on the CPU, and the state of a capturable optimizer
+    moves to an eager one and back, each computing as a fresh optimizer of its kind.
     """
     kept = [({key: group[key] for key in IMPLEMENTATION_KEYS if key in group}, group["lr"])
             for group in optimizer.param_groups]
@@ -118,8 +139,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
         value = float(group["lr"])
         group.update(implementation)
         group["lr"] = lr.fill_(value) if isinstance(lr, torch.Tensor) else value
-        if group.get("fused") or group.get("capturable"):
-            for param in group["params"]:
-                step = optimizer.state.get(param, {}).get("step")
-                if isinstance(step, torch.Tensor):
-                    optimizer.state[param]["step"] = step.to(param.device, torch.float32)
+        # Step counts live on the device for a fused or capturable Adam, on the CPU for the others (where a device
+        # tensor would cost a synchronisation per parameter and step).
+        on_device = group.get("fused") or group.get("capturable")
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[param]["step"] = step.to(param.device if on_device else "cpu", torch.float32)

@@ -22,6 +22,7 @@ from ..system.stopping import RunInterrupted, StopRequest
 from . import checkpoints
 from .evaluate import evaluate_frozen
 from .generator import build_generator, noise_generator
+from .graphs import may_capture
 from .losses import (
     BNStatistics,
     FeatureCapture,
@@ -36,14 +37,14 @@ from .metrics_writer import MetricsWriter
 from .optim import build_optimizers, device_scalar, set_learning_rates, student_progress
 from .pools import POOL_LOSS_NAMES, PoolImages
 from .progress import Progress, log_epoch
+from .state import TrainingState
 
 __all__ = ["LOSS_NAMES", "Trainer"]
 
 logger = logging.getLogger("granq")
 
-# Per-iteration values recorded on the device, read back once per log interval: these, then each term of
-# student_losses under its name (Trainer.loss_names), then, with an input filter, the share of the images'
-# energy it keeps (e.g. lowpass_kept).
+# Per-iteration values recorded on the device, read back once per log interval: these, then each term of student_losses
+# under its name (Trainer.loss_names), then, with an input filter, the share of the images' energy it keeps.
 LOSS_NAMES = ("loss_G", "marginal", "onehot", "bns", "loss_S", "teacher_acc")
 
 
@@ -59,21 +60,20 @@ class Trainer:
         self.teacher = teacher.to(device, memory_format=self.memory_format).eval()
         self.student = self.build_student(teacher).to(device, memory_format=self.memory_format).eval()
         self.student.requires_grad_(True)
-        assert (options.image_source == "pool") == (pool is not None), "a pool (and no generator) for a pool's run"
-        self.pool = None if pool is None else PoolImages(pool, options, device)
-        self.generator = None if pool else build_generator(options).to(device).train()
+        self.pool = PoolImages(pool, options, device) if options.image_source == "pool" else None  # no generator then
+        self.generator = None if self.pool else build_generator(options).to(device).train()
         self.student_params = list(self.student.parameters())
-        self.generator_params = [] if pool else list(self.generator.parameters())
+        self.generator_params = [] if self.pool else list(self.generator.parameters())
         self.is_main = distributed.rank() == 0
         # Forward through DDP under torchrun; checkpoints always hold the unwrapped modules.
         self.student_forward = distributed.wrap(self.student, device)
         self.generator_forward = distributed.wrap(self.generator, device)
-        self.opt_S, self.opt_G = build_optimizers(options, self.student_params, self.generator_params)
+        self.opt_S = self.opt_G = None  # built by use_capturable, for capture or for eager iterations
+        self.use_capturable(may_capture(options.cuda_graph, device))
         self.bn_stats = BNStatistics(self.teacher)
         # The training noise (latents and labels, or a pool's draws) has a stream of its own, so that nothing else a
         # run does (evaluating, its loader's workers, resuming) can move it.
         self.noise = noise_generator(meta.get("seed", 0), distributed.rank(), device)  # benchmarks pass no seed
-        self.progress_tensor = device_scalar(device)  # CUDA: the student's progress, set in set_learning_rates
         self.graphed_step = None  # what train_epoch calls instead of step: its CUDA graph (graphs.use_cuda_graphs)
         # The student's loss: the registered terms of student_losses; hooks only for the layers they read.
         self.student_losses = build_student_losses(options, self.teacher)
@@ -81,7 +81,7 @@ class Trainer:
                                        [layer for _, term in self.student_losses for layer in term.layer_names])
         self.input_filter = make_input_filter(options.student_input_filter)
         self.records_filter = options.student_input_filter != "none"
-        self.loss_names = ((POOL_LOSS_NAMES if pool else LOSS_NAMES) + tuple(name for name, _ in self.student_losses)
+        self.loss_names = ((POOL_LOSS_NAMES if self.pool else LOSS_NAMES) + tuple(n for n, _ in self.student_losses)
                            + ((f"{options.student_input_filter}_kept",) if self.records_filter else ()))
         self.epoch = self.iteration = 0  # the next epoch to run, and the next iteration within it
         self.history = None  # per-iteration losses of the current epoch, on the device
@@ -92,19 +92,29 @@ class Trainer:
         self.stop = StopRequest()
         # Rank 0 writes metrics.jsonl (and TensorBoard scalars); a missing tensorboard fails here, early.
         self.metrics_writer = MetricsWriter(run_dir, options.tensorboard) if self.is_main else None
+        self.training_state = TrainingState(self)  # what checkpoints and the CUDA-graph self-check save
 
     def build_student(self, teacher: nn.Module) -> nn.Module:
         """The fake-quantized copy of the teacher that training distils into (benchmarks override it)."""
         o = self.options
         return quantize_model(teacher, o.qw, o.qa, o.act_mode, o.weight_granularity, o.granq_impl, o.act_types)
 
+    def use_capturable(self, capturable: bool) -> None:
+        """Optimizers (their state carried over) and progress value for iterations captured as a CUDA graph, or
+        for eager ones (:func:`.optim.build_optimizers`)."""
+        self.capturable = capturable
+        self.opt_S, self.opt_G = build_optimizers(self.options, self.student_params, self.generator_params,
+                                                  capturable, previous=(self.opt_S, self.opt_G))
+        self.progress_tensor = device_scalar(self.device) if capturable else None  # set in set_learning_rates
+
     # ------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Everything :meth:`load_state_dict` needs to continue exactly; gathers every rank's RNG state."""
-        return checkpoints.trainer_state(self)
+        """``checkpoint.pt``'s record: options, metadata and :attr:`training_state` (gathers every rank's RNG)."""
+        state = self.training_state.state_dict()
+        return checkpoints.student_record(self.options.to_dict(), self.meta, state.pop("student"), **state)
 
     def load_state_dict(self, state: dict) -> None:
-        checkpoints.restore_trainer(self, state)
+        self.training_state.load_state_dict(state)
 
     def save_checkpoint(self) -> str:
         """Write ``checkpoint.pt`` (rank 0); every rank must call this, as it gathers their RNG states."""
@@ -170,8 +180,7 @@ class Trainer:
             return self.student_forward(images)
 
     def student_progress(self) -> float | torch.Tensor:
-        """Share of the student's training done at the current iteration (:func:`.optim.student_progress`); on CUDA
-        the tensor that :meth:`set_learning_rates` writes for it, which a captured graph reads."""
+        """Share of the student's training done now (:func:`.optim.student_progress`); where capturable, the tensor."""
         shared = self.progress_tensor
         return student_progress(self.options, self.epoch, self.iteration) if shared is None else shared
 
@@ -220,14 +229,11 @@ class Trainer:
         """Fill tracked activation ranges from generator images or the pool's (ZeroQ) in runs without training."""
         if not has_tracked_ranges(self.student):
             return
-        batches = self.pool.calibration_batches() if self.pool else (
-            self.generator_forward(*self.sample_noise()) for _ in range(self.options.iters_per_epoch))
-        logger.info("calibrating %s activation ranges on %s", self.options.act_mode,
-                    "the pool" if self.pool else f"{self.options.iters_per_epoch} generated batches")
+        logger.info("calibrating %s activation ranges on %s images", self.options.act_mode, self.options.image_source)
         set_act_tracking(self.student, True)
-        with torch.no_grad():
-            for images in batches:
-                self.student_forward(images)
+        with torch.no_grad():  # the pool's batches, or iters_per_epoch generated ones
+            for batch in self.pool.calibration_batches() if self.pool else range(self.options.iters_per_epoch):
+                self.student_forward(batch if self.pool else self.generator_forward(*self.sample_noise()))
         set_act_tracking(self.student, False)
 
     # -------------------------------------------------------------------------------- evaluation
@@ -240,14 +246,11 @@ class Trainer:
         if self.best_top1 is None or self.last_top1 > self.best_top1:
             self.best_top1, self.best_top5 = self.last_top1, self.last_top5
             if self.is_main:
-                record = checkpoints.student_record(self.options.to_dict(), self.meta, self.student.state_dict(),
-                                                    epoch=epochs_done, top1=self.best_top1, top5=self.best_top5)
-                checkpoints.save_run_file(record, os.path.join(self.run_dir, checkpoints.BEST_STUDENT), self.run_dir)
+                checkpoints.save_best_student(self, epochs_done)
 
     def _add_elapsed(self) -> None:
         now = time.time()
-        self.elapsed += now - self._session_start
-        self._session_start = now
+        self.elapsed, self._session_start = self.elapsed + now - self._session_start, now
 
     def fit(self) -> dict:
         """Run (or continue) training; return the summary."""

@@ -75,12 +75,17 @@ class BNStatistics:
             self._collecting = False
 
     def loss(self) -> torch.Tensor:
-        """Mean over layers of MSE(batch mean, running_mean) + MSE(biased batch var, running_var)."""
-        if len(self._stats) != len(self._layers):
-            raise RuntimeError(f"captured {len(self._stats)} BatchNorm inputs, expected {len(self._layers)}")
+        """Mean over layers of MSE(batch mean, running_mean) + MSE(biased batch var, running_var).
+
+        The collected statistics are handed over to the loss: none stays here, so that nothing this object holds
+        keeps the iteration's autograd graph alive after it (a CUDA graph capture must not meet a graph of an
+        eager iteration)."""
+        stats, self._stats = self._stats, []
+        if len(stats) != len(self._layers):
+            raise RuntimeError(f"captured {len(stats)} BatchNorm inputs, expected {len(self._layers)}")
         total = sum(F.mse_loss(mean, module.running_mean) + F.mse_loss(var, module.running_var)
-                    for mean, var, module in self._stats)
-        return total / len(self._stats)
+                    for mean, var, module in stats)
+        return total / len(stats)
 
     def __len__(self) -> int:
         """The number of BatchNorm layers."""
@@ -92,7 +97,8 @@ class BNStatistics:
 
     def layer_losses(self, targets=None) -> torch.Tensor:
         """MSE(batch mean, target mean) + MSE(biased batch var, target var) of each BatchNorm in forward order, as
-        one vector; the targets (a list of (mean, var) in that order) default to the running statistics."""
+        one vector; the targets (a list of (mean, var) in that order) default to the running statistics. The
+        statistics stay here (until :meth:`loss` takes them, or the next capture)."""
         if targets is None:
             targets = [(module.running_mean, module.running_var) for _, _, module in self._stats]
         if len(self._stats) != len(self._layers) or len(targets) != len(self._layers):

@@ -8,7 +8,7 @@ from .layers import last_spatial_conv
 from .registry import StudentLoss, register_input_filter, register_student_loss
 
 __all__ = ["CAM_EPS", "LOWPASS_REFERENCE_SIZE", "GradCamAlignment", "grad_cam", "gaussian_lowpass", "lowpass",
-           "reliable_ce"]
+           "reliable_ce", "upsample_bilinear"]
 
 LOWPASS_REFERENCE_SIZE = 224  # lowpass_d0 is the cut-off radius at this image size (SynQ's ImageNet code: 80)
 CAM_EPS = 1e-6  # floor of a map's range in its min-max normalisation
@@ -47,10 +47,45 @@ def lowpass(images: torch.Tensor, options) -> torch.Tensor:
     return gaussian_lowpass(images, options.lowpass_d0 * size / LOWPASS_REFERENCE_SIZE)
 
 
+def _bilinear_weights(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
+    """The [size_out, size_in] matrix of 1-d linear interpolation as ``F.interpolate`` computes it without aligned
+    corners: output i reads the input at x = max((i + 0.5) * size_in / size_out - 0.5, 0), weights 1 - (x - floor x)
+    and x - floor x on floor x and the next input (the same one at the last)."""
+    x = ((torch.arange(size_out, device=like.device, dtype=like.dtype) + 0.5) * (size_in / size_out) - 0.5).clamp(min=0)
+    low = x.floor().clamp(max=size_in - 1)
+    high = (low + 1).clamp(max=size_in - 1)
+    frac = (x - low)[:, None]
+    inputs = torch.arange(size_in, device=like.device, dtype=like.dtype)[None, :]
+    return (1 - frac) * (inputs == low[:, None]) + frac * (inputs == high[:, None])
+
+
+def upsample_bilinear(maps: torch.Tensor, size) -> torch.Tensor:
+    """``F.interpolate(maps, size, mode="bilinear", align_corners=False)`` for [N, C, U, V] maps.
+
+    Under ``torch.use_deterministic_algorithms(True)`` it is computed as two matrix products with the interpolation
+    weights (:func:`_bilinear_weights`): the backward pass of ``interpolate`` has no deterministic CUDA kernel and
+    raises there, that of a matrix product does not. The values agree with ``interpolate`` up to float rounding
+    (about 1e-7); without deterministic algorithms ``interpolate`` itself runs, so those runs keep its values.
+
+    >>> maps = torch.rand(2, 1, 8, 8)
+    >>> reference = F.interpolate(maps, size=(32, 32), mode="bilinear", align_corners=False)
+    >>> torch.use_deterministic_algorithms(True)
+    >>> torch.allclose(upsample_bilinear(maps, (32, 32)), reference, atol=1e-6)
+    True
+    >>> torch.use_deterministic_algorithms(False)
+    """
+    if not torch.are_deterministic_algorithms_enabled():
+        return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    rows = _bilinear_weights(maps.shape[-2], size[0], maps)
+    columns = _bilinear_weights(maps.shape[-1], size[1], maps)
+    return rows @ maps @ columns.T
+
+
 def grad_cam(features: torch.Tensor, logits: torch.Tensor, size) -> torch.Tensor:
     """Grad-CAM of each sample's top-1 class, min-max normalised to [0, 1]: [N, K, U, V] -> [N, 1, *size].
 
-    alpha_k = max(mean_uv d y_c / d A_k, 0), M = relu(sum_k alpha_k A_k) upsampled bilinearly to ``size``,
+    alpha_k = max(mean_uv d y_c / d A_k, 0), M = relu(sum_k alpha_k A_k) upsampled bilinearly to ``size``
+    (:func:`upsample_bilinear`),
     M = (M - min M) / max(max M - min M, CAM_EPS). The weights alpha are constants (no gradient flows through
     them), as in SynQ's code, which clamps them at 1e-10 from below. A flat map becomes 0, never NaN.
     """
@@ -58,7 +93,7 @@ def grad_cam(features: torch.Tensor, logits: torch.Tensor, size) -> torch.Tensor
     gradient, = torch.autograd.grad(score, features, retain_graph=True)
     weights = gradient.float().mean(dim=(2, 3), keepdim=True).clamp(min=0)
     cam = F.relu((weights * features.float()).sum(dim=1, keepdim=True))
-    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+    cam = upsample_bilinear(cam, size)
     low = cam.amin(dim=(2, 3), keepdim=True)
     high = cam.amax(dim=(2, 3), keepdim=True)
     return (cam - low) / (high - low).clamp(min=CAM_EPS)

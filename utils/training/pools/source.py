@@ -19,7 +19,9 @@ POOL_LOSS_NAMES = ("loss_S", "teacher_acc")
 class PoolImages:
     """A pool's images and labels on the training device, and the iteration that trains the student on them."""
 
-    def __init__(self, pool: Pool, options, device: torch.device):
+    def __init__(self, pool: Pool | None, options, device: torch.device):
+        if pool is None:
+            raise ValueError("image_source = pool: the trainer needs the pool (utils.training.pools.run_pool)")
         self.images, self.labels = pool.images.to(device), pool.labels.to(device)
         self.summary = pool.summary
         self.batch_size, self.crop_scale = options.batchSize, options.pool_crop_scale

@@ -127,10 +127,11 @@ class Synthesis:
         first = deeper_layers(len(self.bn_stats))
 
         def loss(logits):
+            # LBNS reads the captured statistics before loss() hands them over
+            layers = self.bn_stats.layer_losses(self.centre_targets) if s.pool_lbns_weight > 0 else None
             terms = {"bns": self.bn_stats.loss(), "ce": focal_cross_entropy(logits, labels, s.pool_beta, s.pool_gamma)}
             total = s.pool_bns_weight * terms["bns"] + terms["ce"]
-            if s.pool_lbns_weight > 0:
-                layers = self.bn_stats.layer_losses(self.centre_targets)
+            if layers is not None:
                 terms["lbns"] = layers[first:].sum() / (len(layers) * size)
                 total = total + s.pool_lbns_weight * terms["lbns"]
             return total, terms
