@@ -37,8 +37,8 @@ def test_two_iteration_run_writes_its_outputs(tmp_path, cifar_folder):
     assert os.path.dirname(run_dir) == str(tmp_path / "runs")
     with open(os.path.join(run_dir, "summary.json")) as f:
         assert json.load(f) == summary
-    # cuda_graph = auto (the default): eager without CUDA, and the summary says why
-    assert summary["cuda_graph"] == ("graphed" if torch.cuda.is_available() else "eager: no CUDA device")
+    # cuda_graph = off (the default until a GPU check has passed): eager, and the summary says why
+    assert summary["cuda_graph"] == "eager: cuda_graph = off"
     for name in ("config.hocon", "train.log", "metrics.jsonl", "checkpoint.pt", "best_student.pt", "accuracy.png",
                  "losses.png"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
