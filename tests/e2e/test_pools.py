@@ -148,6 +148,16 @@ def test_a_full_disk_while_synthesising_is_one_error_line(tmp_path, cifar_folder
     assert sorted(os.listdir(folder)) == ["batch-00000.pt", "manifest.json"]  # no partial file
 
 
+def test_resuming_with_the_other_image_source_is_one_error_line(tmp_path, cifar_folder, capsys):
+    run_dir = last_json(run_main(tiny_run_args(tmp_path / "runs", cifar_folder))[1])["run_dir"]
+    capsys.readouterr()
+    code, lines = run_main(["--resume", run_dir, "--force", *[part for s in POOL for part in ("--set", s)]])
+    assert code == 2 and lines == []
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == ("error: the checkpoint holds student, generator, opt_S, opt_G and this run trains student, opt_S: "
+                    "resume it with the image_source that wrote it")
+
+
 # ------------------------------------------------------------------------------------------ tools/synthesize
 def test_synthesize_builds_the_pool_that_runs_then_read(tmp_path, cifar_folder, teacher_file, capsys):
     sets = [part for s in (*POOL, f"pool_cache={tmp_path / 'pools'}", f"teacher_weights={teacher_file}")
