@@ -3,11 +3,11 @@
     python benchmarks/graph_probe.py [--device cuda|cpu] [--modes ...] [--nondeterministic] [--json PATH]
 
 For each mode (the default loss, each add-on term of ``student_losses``, ``student_input_filter = lowpass``,
-``act_mode = layerwise`` and ``channel``, their ranges tracked, then frozen) and each kind of iteration its run
-has (warm-up, student step, ranges tracked), it runs :func:`utils.training.graphs.self_check`: from one saved state,
-a few eager iterations, then as many through :class:`~utils.training.graphs.GraphedStep` (warm-up, capture,
-replays), and prints every value that differs: student, generator, both optimizers' states, random states, recorded
-values.
+``act_mode = layerwise`` and ``channel``, their ranges tracked, then frozen, and training on a pool of synthetic images
+alone and with SynQ's terms) and each kind of iteration its run has (warm-up, student step, ranges tracked), it runs
+:func:`utils.training.graphs.self_check`: from one saved state, a few eager iterations, then as many through
+:class:`~utils.training.graphs.GraphedStep` (warm-up, capture, replays), and prints every value that differs: student,
+generator, both optimizers' states, random states, recorded values.
 ``deterministic = true`` (the default here) asks for equality bit for bit; ``--nondeterministic`` for the
 tolerance of ``cuda_graph = auto`` without it.
 
@@ -47,6 +47,7 @@ from utils.training.graphs import (  # noqa: E402
     iteration_kinds,
     self_check,
 )
+from utils.training.pools import run_pool  # noqa: E402
 from utils.training.trainer import Trainer  # noqa: E402
 
 CIFAR10_CONF = os.path.join(ROOT, "CIFAR", "cifar10_resnet20.hocon")
@@ -62,6 +63,10 @@ MODES = {
     "lowpass": ["student_input_filter=lowpass"],
     "layerwise": ["act_mode=layerwise", "warmup_epochs=0", "act_range_epochs=1"],
     "channel": ["act_mode=channel", "warmup_epochs=0", "act_range_epochs=1"],
+    # a small pool synthesised in memory (two steps): no generator, the draws and crops from the noise stream
+    "pool": ["image_source=pool", "pool_size=32", "pool_batch=32", "pool_iters=2", "pool_cache=off"],
+    "pool_synq": ["image_source=pool", "pool_size=32", "pool_batch=32", "pool_iters=2", "pool_cache=off",
+                  "student_losses=[kd, cam, reliable_ce]", "student_input_filter=lowpass"],
 }
 
 
@@ -122,7 +127,7 @@ def make_trainer(mode: str, device: torch.device, run_dir: str, deterministic: b
     configure_backends(options.deterministic, device)
     torch.manual_seed(0)
     teacher, _ = build_teacher(options.network, "random")
-    return Trainer(options, teacher, None, device, run_dir, {"id": 0, "seed": 1})
+    return Trainer(options, teacher, None, device, run_dir, {"id": 0, "seed": 1}, run_pool(options, teacher, device))
 
 
 def probe(mode: str, candidate, device, run_dir, args) -> dict:

@@ -18,7 +18,10 @@ by default, ``--students`` picks some; ``float`` is always measured, as the refe
 - ``layerwise``: one moving-average activation range per layer (GDFQ; eager), weights as ``granq``;
 - ``granq+NAME`` (only when named): ``granq`` with a variant of ``tools/plans/addons_cpu.hocon`` (``attention``,
   ``cam``, ``reliable_ce``, ``pseudo_label``, ``lowpass``, ``all`` of them, the recipe ``plus``, ...): what each
-  add-on of docs/addons.md costs.
+  add-on of docs/addons.md costs;
+- ``granq pool``, ``synq pool`` (only when named): ``granq`` trained on a pool of synthetic images instead of a
+  generator (``image_source = pool``; a small pool synthesised in memory first, untimed), and the recipe ``synq``
+  on one (docs/methods.md).
 
 ``granq_impl = auto`` runs eager where the compiled path fails; each record's ``granq_path`` says which
 ran (:func:`quantization_utils.granq_path`), and the table then heads the ``granq`` column ``granq(eager)``.
@@ -61,6 +64,7 @@ from utils.runs.config import load_options  # noqa: E402
 from utils.sweeps.plans import load_plan, resolve_plan  # noqa: E402
 from utils.system.devices import configure_backends  # noqa: E402
 from utils.training.graphs import WARMUP_ITERATIONS, GraphedStep  # noqa: E402
+from utils.training.pools import run_pool  # noqa: E402
 from utils.training.trainer import Trainer  # noqa: E402
 
 SETTINGS = {
@@ -80,6 +84,9 @@ GRAPHED = "granq graphed"
 ADDONS = {name: list(overrides) for name, overrides in load_plan(resolve_plan("addons_cpu")).variants
           if name != "baseline"}
 STUDENTS.update({f"granq+{name}": ["granq_impl=auto", *overrides] for name, overrides in ADDONS.items()})
+# Training on a pool: its iteration does not depend on the pool's size or quality, so a small one made in two steps.
+POOL = ["image_source=pool", "pool_size=256", "pool_batch=256", "pool_iters=2", "pool_cache=off"]
+STUDENTS.update({"granq pool": ["granq_impl=auto", *POOL], "synq pool": ["recipe=synq", *POOL]})
 
 
 def student_path(student: str) -> str | None:
@@ -108,9 +115,9 @@ def make_trainer(setting: str, student: str, device: torch.device, run_dir: str,
     torch.manual_seed(0)
     teacher, _ = build_teacher(options.network, "random")
     kind = FloatStudentTrainer if student == "float" else Trainer
-    trainer = kind(options, teacher, None, device, run_dir, {"id": 0, "seed": 1})
+    trainer = kind(options, teacher, None, device, run_dir, {"id": 0, "seed": 1}, run_pool(options, teacher, device))
     if memory_format == "contiguous":  # undo the trainer's choice, to measure it
-        for model in (trainer.teacher, trainer.student, trainer.generator):
+        for model in filter(None, (trainer.teacher, trainer.student, trainer.generator)):
             model.to(memory_format=torch.contiguous_format)
     trainer.set_learning_rates(0)
     set_act_tracking(trainer.student, True)  # as in the first act_range_epochs epochs

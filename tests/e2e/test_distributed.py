@@ -12,7 +12,11 @@ ALL_PARTS = ("--set", "student_losses=[kd, attention, cam, reliable_ce, pseudo_l
              "student_input_filter=lowpass")
 
 
-@pytest.mark.parametrize("extra", [(), ALL_PARTS], ids=["default", "all_student_terms"])
+# a pool of synthetic images: rank 0 synthesises it into the cache while rank 1 waits, then both read it
+ON_A_POOL = ("--set", "image_source=pool", "--set", "pool_size=16", "--set", "pool_batch=8", "--set", "pool_iters=2")
+
+
+@pytest.mark.parametrize("extra", [(), ALL_PARTS, ON_A_POOL], ids=["default", "all_student_terms", "pool"])
 def test_torchrun_two_processes_on_cpu(tmp_path, cifar_folder, extra):
     save_path = tmp_path / "runs"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -40,6 +40,9 @@ CASES = {
     "user model without weights": (["--set", "network=tests.e2e.user_models:tiny_net", "--set", "teacher_weights="],
                                    "has no published weights: set teacher_weights to its weights file"),
     "cuda_graph value": (["--set", "cuda_graph=yes"], "cuda_graph = 'yes' is not valid; choose one of: auto, on, off"),
+    "generator option in a pool run": (["--set", "image_source=pool", "--set", "lr_G=0.01"],
+                                       "image_source = pool trains no generator, so lr_G = 0.01 (default 0.001) would "
+                                       "have no effect"),
     "teacher outputs": (["--set", "network=tests.e2e.user_models:tiny_net", "--set", "nClasses=100"],
                         "returns (1, 10) for one 32x32 image where nClasses = 100"),
 }

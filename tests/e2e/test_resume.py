@@ -111,11 +111,19 @@ def test_evaluation_settings_do_not_change_the_trained_student(tmp_path, cifar_f
     assert last_json(lines)["student_sha256"] == straight_with_workers["student_sha256"]
 
 
-def test_mid_epoch_stop_then_resume_is_bit_identical(tmp_path, cifar_folder, monkeypatch):
+# A run on a pool of synthetic images (16 images, two synthesis steps each), which draws its batches and crops from
+# the training noise instead of feeding a generator.
+ON_A_POOL = ("image_source=pool", "pool_size=16", "pool_batch=8", "pool_iters=2")
+
+
+@pytest.mark.parametrize("images", [(), ON_A_POOL], ids=["generator", "pool"])
+def test_mid_epoch_stop_then_resume_is_bit_identical(tmp_path, cifar_folder, monkeypatch, images):
     """A stop requested in-process at iteration 2 of epoch 2 (no signal, no race), then --resume."""
-    code, lines = run_main(resumable_args(tmp_path / "straight", cifar_folder))
+    extra = [part for s in (*images, f"pool_cache={tmp_path / 'pools'}") for part in ("--set", s)]
+    code, lines = run_main(resumable_args(tmp_path / "straight", cifar_folder, *extra))
     assert code == 0
-    straight = torch.load(os.path.join(last_json(lines)["run_dir"], "checkpoint.pt"), weights_only=False)
+    straight_dir = last_json(lines)["run_dir"]
+    straight = torch.load(os.path.join(straight_dir, "checkpoint.pt"), weights_only=False)
 
     real_step, calls = trainer_module.Trainer.step, []
 
@@ -127,7 +135,7 @@ def test_mid_epoch_stop_then_resume_is_bit_identical(tmp_path, cifar_folder, mon
         return values
 
     monkeypatch.setattr(trainer_module.Trainer, "step", step_then_stop)
-    code, lines = run_main(resumable_args(tmp_path / "stopped", cifar_folder))
+    code, lines = run_main(resumable_args(tmp_path / "stopped", cifar_folder, *extra))
     monkeypatch.undo()
     assert code == 128 + signal.SIGTERM and lines == []
     (run_dir,) = [os.path.join(tmp_path, "stopped", d) for d in os.listdir(tmp_path / "stopped")]
@@ -137,10 +145,12 @@ def test_mid_epoch_stop_then_resume_is_bit_identical(tmp_path, cifar_folder, mon
     code, lines = run_main(["--resume", run_dir])
     assert code == 0
     resumed = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
-    for network in ("student", "generator"):
+    assert ("generator" not in resumed) == ("generator" not in straight) == bool(images)
+    for network in ("student", "generator") if not images else ("student",):
         assert resumed[network].keys() == straight[network].keys()
         for key, value in straight[network].items():
             assert torch.equal(resumed[network][key], value), (network, key)
+    assert without_timings(metrics(run_dir)) == without_timings(metrics(straight_dir))
 
 
 def test_same_id_gives_the_same_summary(tmp_path, cifar_folder):
@@ -193,7 +203,7 @@ def test_resume_applies_evaluation_overrides_and_refuses_the_others(tmp_path, ci
         assert [line for line in err.splitlines() if line.startswith("error:")] == [
             "error: --resume: qw cannot change in a resumed run (qw: 4 -> 2); a resumed run may change only "
             "GPU, dataPath, nThreads, test_batch_size, log_interval, eval_every, eval_start_epoch, eval_cache, "
-            "tensorboard, cuda_graph. Add --force to change the others anyway"]
+            "tensorboard, cuda_graph, pool_cache. Add --force to change the others anyway"]
     code, lines = run_main(["--resume", run_dir, "--set", "nThreads=1", "--set", "test_batch_size=4"])
     assert code == 0 and last_json(lines)["run_dir"] == run_dir
     err = capsys.readouterr().err

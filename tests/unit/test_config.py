@@ -212,3 +212,17 @@ def test_a_recipe_sets_what_the_config_leaves_open_and_set_still_wins(tmp_path):
     included = tmp_path / "included.hocon"
     included.write_text(f'include "{CIFAR10A_CONF}"\ninclude "{ROOT}/recipes/plus.hocon"\n')
     assert load_options(str(included)).student_losses == plus.student_losses
+
+
+def test_a_recipe_named_by_set_replaces_the_config_file_s_keys_and_one_named_in_the_file_does_not(tmp_path):
+    synq = load_options(CIFAR10A_CONF, ["recipe=synq"])
+    # the dataset config sets act_mode = granq and weight_granularity = kernel; the method's recipe replaces them
+    assert (synq.image_source, synq.act_mode, synq.weight_granularity) == ("pool", "layerwise", "channel")
+    assert synq.reliable_ce_tau == 0.7 and synq.nEpochs == 200  # what the recipe leaves out stays the config's
+    assert load_options(CIFAR10A_CONF, ["recipe=synq", "act_mode=granq"]).act_mode == "granq"  # --set still wins
+    assert load_options(CIFAR10A_CONF, ["recipe=zeroq"]).nEpochs == 0
+    # the resolved config.hocon names the recipe and loads to the same options, a --set change to its keys included
+    mine = load_options(CIFAR10A_CONF, ["recipe=synq", "act_mode=channel"])
+    path = tmp_path / "config.hocon"
+    path.write_text(mine.to_hocon())
+    assert load_options(str(path)) == mine and mine.recipe == "synq"

@@ -25,6 +25,7 @@ from utils.training.graphs import (
     use_cuda_graphs,
 )
 from utils.training.optim import build_optimizers, load_optimizer_state, optimizer_settings
+from utils.training.pools import run_pool
 from utils.training.state import clone_state
 from utils.training.trainer import Trainer
 
@@ -39,7 +40,7 @@ def make_trainer(tmp_path, *sets):
                                           "granq_impl=eager", "teacher_weights=random", *sets])
     torch.manual_seed(0)
     teacher, _ = build_teacher(options.network, "random")
-    return Trainer(options, teacher, None, CPU, str(tmp_path), {"id": 0, "seed": 1})
+    return Trainer(options, teacher, None, CPU, str(tmp_path), {"id": 0, "seed": 1}, run_pool(options, teacher, CPU))
 
 
 def test_cuda_graph_takes_auto_on_or_off_and_is_off_by_default():
@@ -340,3 +341,19 @@ def test_a_deterministic_step_calls_no_operation_that_cuda_refuses(tmp_path, mod
         with OperatorLog() as log:
             trainer.step(train_student)
         assert not log.names & CUDA_NONDETERMINISTIC, sorted(log.names & CUDA_NONDETERMINISTIC)
+
+
+def test_a_run_on_a_pool_checks_and_restores_without_a_generator(tmp_path):
+    trainer = make_trainer(tmp_path, *MODES["pool"], "student_losses=[kd, cam]")
+    assert trainer.generator is None and trainer.opt_G is None
+    assert any(t is trainer.pool.images for t in graphs._graph_tensors(trainer))  # the graph reads the pool in place
+    trainer.step(train_student=True)
+    before = snapshot(trainer)
+    assert "generator" not in before and "opt_G" not in before
+    assert self_check(trainer, lambda: trainer.step, count=COUNT) == []
+    assert compare_states(before, before, snapshot(trainer)) == []
+    # a capture that repeats the first iteration's draws of images and crops
+    differences = self_check(trainer, lambda: RepeatedLatents(trainer), iteration_kinds(trainer)[-1:], count=COUNT)
+    assert any(line.startswith("student step: rng.0.noise") for line in differences), differences[:5]
+    assert any("student." in line for line in differences)
+    assert compare_states(before, before, snapshot(trainer)) == []

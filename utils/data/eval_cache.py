@@ -36,6 +36,7 @@ from filelock import FileLock, Timeout
 from torch.utils.data import Dataset, Subset, default_collate
 from torchvision import transforms
 
+from ..system import files
 from .images import UnreadableImage
 from .workers import WorkerLoader, evaluation_workers
 
@@ -45,7 +46,7 @@ __all__ = ["CACHE_ENV", "EVAL_CACHE_MODES", "GPU_MEMORY_SHARE", "CachedLoader", 
 logger = logging.getLogger(__name__)
 
 EVAL_CACHE_MODES = ("auto", "off")  # besides a directory
-CACHE_ENV = "GRANQ_CACHE"  # where ``auto`` keeps the files; default DEFAULT_DIRECTORY
+CACHE_ENV = files.CACHE_ENV  # where ``auto`` keeps the files; default DEFAULT_DIRECTORY
 DEFAULT_DIRECTORY = os.path.join("~", ".cache", "granq", "eval")
 # The cached images stay on the GPU when they take at most this share of its free memory when the loader is
 # built; otherwise each batch is copied from pinned host memory. ImageNet's 50,000 validation images at
@@ -79,11 +80,7 @@ def _writing(where: str):
 
 def cache_directory(setting: str) -> str | None:
     """The folder that ``eval_cache = setting`` keeps its files in; None for ``off``."""
-    if setting == "off":
-        return None
-    if setting == "auto":
-        setting = os.environ.get(CACHE_ENV) or DEFAULT_DIRECTORY
-    return os.path.abspath(os.path.expanduser(setting))
+    return files.cache_directory(setting, DEFAULT_DIRECTORY)
 
 
 def _source_files(dataset) -> tuple[str, list[str]]:

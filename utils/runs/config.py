@@ -26,9 +26,10 @@ from ..system.errors import ConfigError, UserError
 from ..training.graphs import CUDA_GRAPH_MODES
 from ..training.losses import GENERATOR_LOSSES, input_filter_names, student_loss_names
 from ..training.optim import LR_POLICIES
+from ..training.pools import check_pool_options
 
-__all__ = ["DATASET_CLASSES", "GENERATORS", "LEGACY_KEYS", "Options", "RECIPES_DIR", "load_options", "load_recipe",
-           "parse_override", "recipe_names"]
+__all__ = ["DATASET_CLASSES", "GENERATORS", "LEGACY_KEYS", "Options", "RECIPES_DIR",
+           "load_options", "load_recipe", "parse_override", "recipe_names"]
 
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 GENERATORS = ("label_embedding", "conditional_bn")
@@ -123,6 +124,24 @@ class Options:
     channels: int = 3
     b1: float = 0.5
     b2: float = 0.999
+    # A pool of synthetic images instead of the generator (docs/methods.md); defaults: SynQ's released CIFAR settings
+    image_source: str = "generator"  # generator | pool
+    pool_size: int = 5120  # images (SynQ, HAST: 4 groups x 1,280)
+    pool_batch: int = 256  # images optimised together
+    pool_iters: int = 1000  # Adam steps per batch
+    pool_lr: float = 0.5
+    pool_min_lr: float = 1e-4  # ReduceLROnPlateau's floor ...
+    pool_patience: int = 50  # ... and patience (ZeroQ: 100)
+    pool_beta: float = 0.1  # SynQ's scripts (HAST's CIFAR scripts: 10)
+    pool_gamma: float = 0.5  # SynQ's scripts (HAST's CIFAR scripts: 2)
+    pool_bns_weight: float = 1.0  # SynQ with LBNS (its ImageNet data): 0.4
+    pool_lbns_weight: float = 0.0  # SynQ's ImageNet data: 0.02
+    pool_center_iters: int = 1500  # SynQ's class centres, made first where pool_lbns_weight > 0
+    pool_aug_prob: float = 0.0  # chance per step of cropped and flipped images (SynQ's ImageNet data: 0.5) ...
+    pool_aug_scale: float = 0.4  # ... keeping at least this share of the area
+    pool_seed: int = 0  # the pool's own seed: every run seed reads the same pool
+    pool_crop_scale: float = 0.5  # training on the pool: RandomResizedCrop(scale=(this, 1)) and flips
+    pool_cache: str = "auto"  # auto | off | a directory (utils/training/pools/store.py)
     # Teacher and data
     teacher_weights: str = ""  # "": published weights; a path or URL; "random": tests only
     norm_mean: list[float] = field(default_factory=list)  # empty: the dataset's
@@ -191,14 +210,16 @@ class Options:
                                   f"dataset's default")
         if any(s <= 0 for s in self.norm_std):
             raise ConfigError(f"norm_std = {self.norm_std} must be positive")
-        if self.eval_cache not in EVAL_CACHE_MODES:
+        for key in ("eval_cache", "pool_cache"):
+            value = getattr(self, key)
             # A path must look like one, so that a mistyped word ("false", "none") is not taken for a folder.
-            if not (os.sep in self.eval_cache or self.eval_cache.startswith("~")):
-                raise ConfigError(f"eval_cache = {self.eval_cache!r} is not valid: auto (the default cache "
-                                  f"folder), off, or a directory path such as ./eval_cache")
-            if os.path.isfile(os.path.expanduser(self.eval_cache)):
-                raise ConfigError(f"eval_cache = {self.eval_cache!r} is a file: give a directory, auto or off")
+            if value not in EVAL_CACHE_MODES and not (os.sep in value or value.startswith("~")):
+                raise ConfigError(f"{key} = {value!r} is not valid: auto (the default cache folder), off, or a "
+                                  f"directory path such as ./{key}")
+            if value not in EVAL_CACHE_MODES and os.path.isfile(os.path.expanduser(value)):
+                raise ConfigError(f"{key} = {value!r} is a file: give a directory, auto or off")
         self._validate_student_losses()
+        check_pool_options(self)
         return self
 
     def _validate_student_losses(self) -> None:
@@ -353,16 +374,18 @@ def load_recipe(name: str) -> dict:
 def load_options(conf_path: str, overrides: typing.Iterable[str] = (), **explicit) -> Options:
     """Read ``conf_path``, apply ``--set`` overrides, then ``explicit`` values that are not None.
 
-    ``recipe = NAME`` (in the file or an override) adds the keys of :func:`load_recipe` beneath the config file's:
-    they replace the defaults, while the file's own keys, ``--set`` and ``explicit`` still win. So a recipe picks
-    the terms and the settings the dataset configs leave open, the dataset configs keep their paper values, and a
-    resolved ``config.hocon`` (which records the recipe's name with every value) loads to the same options.
+    ``recipe = NAME`` adds the keys of :func:`load_recipe`. Named by ``--set`` (or ``explicit``), a recipe is a method
+    applied to the config: its keys replace the config file's, and the other overrides still win; the dataset
+    configs' values for the keys a recipe leaves out stay. Named in the file, its keys go beneath the file's own,
+    so that a resolved ``config.hocon`` (which records the recipe's name with every value) loads to the same options.
     """
     file_values = _read_hocon(conf_path, "config file")
     given = dict(parse_override(text) for text in overrides)
     given.update({key: _coerce(key, value) for key, value in explicit.items() if value is not None})
     recipe = given.get("recipe", file_values.get("recipe", ""))
-    values = {**(load_recipe(recipe) if recipe else {}), **file_values, **given}
+    recipe_values = load_recipe(recipe) if recipe else {}
+    below, above = (file_values, recipe_values) if "recipe" in given else (recipe_values, file_values)
+    values = {**below, **above, **given}
     return Options(**_network_defaults(values)).validate()
 
 

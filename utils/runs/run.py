@@ -41,6 +41,7 @@ from ..system.stopping import RunInterrupted
 from ..training.checkpoints import RunFileError, atomic_save_json, find_checkpoint, load_run_file, save_run_file
 from ..training.graphs import check_cuda_graph, use_cuda_graphs
 from ..training.losses import build_student_losses
+from ..training.pools import run_pool
 from ..training.trainer import Trainer
 from .config import LEGACY_KEYS, load_options, options_from_dict, parse_override
 from .saved import evaluate_saved
@@ -49,9 +50,11 @@ __all__ = ["RESUME_KEYS", "Run", "build_parser", "main", "make_run_dir", "run", 
 
 logger = logging.getLogger("granq")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-# Keys a resumed run may change: where and how it evaluates, logs and computes, never what it trains.
+# What summary.json records of a run's pool (its own summary.json in the pool cache holds the rest).
+POOL_SUMMARY_KEYS = ("key", "images", "final_bns", "teacher_acc", "synthesis_seconds")
+# Keys a resumed run may change: where and how it evaluates, logs, computes and finds its pool, never what it trains.
 RESUME_KEYS = ("GPU", "dataPath", "nThreads", "test_batch_size", "log_interval", "eval_every", "eval_start_epoch",
-               "eval_cache", "tensorboard", "cuda_graph")
+               "eval_cache", "tensorboard", "cuda_graph", "pool_cache")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +113,7 @@ def _add_file_log(run_dir: str) -> logging.Handler:
 
 def _load_checkpoint(run_dir: str) -> dict:
     try:
-        return load_run_file(find_checkpoint(run_dir), require=("generator", "rng", "meta"))
+        return load_run_file(find_checkpoint(run_dir), require=("rng", "meta"))  # a pool's run has no generator
     except RunFileError as error:
         raise UserError(f"--resume: {error}") from None
 
@@ -206,6 +209,8 @@ def setup(args) -> Run:
     check_teacher(teacher, options.network, options.nClasses, options.img_size, options.channels)
     build_student_losses(options, teacher)  # a term that reads layers the teacher lacks fails here
     test_loader = build_test_loader(options, device)
+    # image_source = pool: read from the pool cache, or synthesised (and cached) now, before the run directory exists.
+    pool = run_pool(options, teacher, device, teacher_source)
 
     run_dir = args.resume
     if run_dir is None:
@@ -220,7 +225,9 @@ def setup(args) -> Run:
         logger.debug("config key %s has no effect: %s", key, reason)
     logger.info("run directory %s on %s (seed %d, %d process(es))", run_dir, device, seed, distributed.world_size())
     meta = {"id": run_id, "seed": seed, "teacher_weights": teacher_source, "device": str(device), **backends}
-    trainer = Trainer(options, teacher, test_loader, device, run_dir, meta)
+    if pool is not None:
+        meta["pool"] = {key: pool.summary[key] for key in POOL_SUMMARY_KEYS} | {"folder": pool.folder}
+    trainer = Trainer(options, teacher, test_loader, device, run_dir, meta, pool)
     log_unquantized_inputs(trainer.student, options, device)
     if checkpoint is not None:
         try:

@@ -11,7 +11,8 @@ from torch.nn.parallel import DistributedDataParallel
 from .devices import cuda_device
 
 __all__ = ["all_gather_objects", "all_reduce", "barrier", "broadcast_object", "init_from_env",
-           "is_distributed", "rank", "rank_zero_first", "replica_checksums", "shutdown", "world_size", "wrap"]
+           "is_distributed", "rank", "rank_zero_first", "replica_checksums", "shutdown", "state_sha256", "world_size",
+           "wrap"]
 
 
 def is_distributed() -> bool:
@@ -81,12 +82,17 @@ def broadcast_object(obj):
     return box[0]
 
 
-def replica_checksums(module: torch.nn.Module) -> list[str]:
-    """One short SHA-256 of ``module``'s state per rank; raises if the replicas differ."""
+def state_sha256(module: torch.nn.Module) -> str:
+    """The SHA-256 (hex) of the bytes of ``module``'s state, tensor after tensor in ``state_dict`` order."""
     digest = hashlib.sha256()
     for tensor in module.state_dict().values():
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    checksums = all_gather_objects(digest.hexdigest()[:16])
+    return digest.hexdigest()
+
+
+def replica_checksums(module: torch.nn.Module) -> list[str]:
+    """One short SHA-256 of ``module``'s state per rank (:func:`state_sha256`); raises if the replicas differ."""
+    checksums = all_gather_objects(state_sha256(module)[:16])
     if len(set(checksums)) > 1:
         raise RuntimeError(f"the students of the {world_size()} processes diverged: {checksums}")
     return checksums
@@ -94,8 +100,8 @@ def replica_checksums(module: torch.nn.Module) -> list[str]:
 
 def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``module`` in DistributedDataParallel under torchrun (which also gives every rank rank 0's initial
-    weights), else ``module`` itself."""
-    if not is_distributed():
+    weights), else ``module`` itself (None: None)."""
+    if module is None or not is_distributed():
         return module
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -19,7 +19,9 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["WriteError", "atomic_save", "atomic_save_json", "atomic_write_bytes"]
+__all__ = ["CACHE_ENV", "WriteError", "atomic_save", "atomic_save_json", "atomic_write_bytes", "cache_directory"]
+
+CACHE_ENV = "GRANQ_CACHE"  # where a cache setting of ``auto`` keeps its files, when set
 
 
 class WriteError(UserError):
@@ -74,3 +76,13 @@ def atomic_save(obj, path: str) -> None:
 def atomic_save_json(obj, path: str) -> None:
     """``obj`` as indented JSON in ``path``, atomically (``summary.json``)."""
     atomic_write_bytes(json.dumps(obj, indent=2).encode(), path)
+
+
+def cache_directory(setting: str, default: str) -> str | None:
+    """The folder that a cache setting (``auto``, ``off`` or a directory) keeps its files in; None for ``off``.
+    ``auto`` is ``$GRANQ_CACHE`` where it is set, else ``default``."""
+    if setting == "off":
+        return None
+    if setting == "auto":
+        setting = os.environ.get(CACHE_ENV) or default
+    return os.path.abspath(os.path.expanduser(setting))

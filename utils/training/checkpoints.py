@@ -3,9 +3,10 @@
 A run directory holds ``checkpoint.pt`` (everything needed to resume, after every epoch and on
 interruption) and ``best_student.pt`` (the student with the best top-1 so far). Both are dicts with
 ``format``, ``options`` (the resolved config as a dict), ``meta`` (id, seed, teacher weights source, ...)
-and ``student`` (its state dict); ``checkpoint.pt`` adds the generator, both optimizers, the position in
-training, the metrics so far and every rank's random states. All of them, and ``summary.json``, are written
-atomically (:mod:`utils.system.files`): a reader never sees half a file, and a failed write leaves none.
+and ``student`` (its state dict); ``checkpoint.pt`` adds the generator and both optimizers (a run on a pool has
+neither the generator nor its optimizer), the position in training, the metrics so far and every rank's random
+states. All of them, and ``summary.json``, are written atomically (:mod:`utils.system.files`): a reader never sees
+half a file, and a failed write leaves none.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def run_summary(trainer) -> dict:
         "student_top1": trainer.last_top1, "student_top5": trainer.last_top5,
         "best_top1": trainer.best_top1, "best_top5": trainer.best_top5, "epochs": trainer.epoch,
         **{key: getattr(o, key) for key in ("qw", "qa", "act_mode", "weight_granularity", "network", "dataset",
-                                            "batchSize", "iters_per_epoch")},
+                                            "batchSize", "iters_per_epoch", "image_source")},
         "world_size": distributed.world_size(),
         **trainer.meta,
         "seconds": round(trainer.elapsed, 3),

@@ -51,7 +51,7 @@ def restore(trainer, state: dict) -> None:
 
 
 def _scale_learning_rates(trainer, factor: float) -> None:
-    for optimizer in (trainer.opt_S, trainer.opt_G):
+    for optimizer in filter(None, (trainer.opt_S, trainer.opt_G)):
         for group in optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].mul_(factor)
@@ -65,7 +65,8 @@ def run_iterations(trainer, step, epoch: int, train_student: bool, tracking: boo
     under ``recorded`` (name -> series). The learning rates are scaled by 1, 1 + 1/count, 1 + 2/count, ... on top
     of the schedule, so that a learning rate frozen at capture shows whatever the schedule."""
     set_act_tracking(trainer.student, tracking)
-    trainer.generator.train()
+    if trainer.generator is not None:
+        trainer.generator.train()
     rows = []
     for it in range(count):
         trainer.epoch, trainer.iteration = epoch, it

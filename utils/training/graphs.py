@@ -234,11 +234,12 @@ class GraphedStep:
 
 def _graph_tensors(trainer) -> list[torch.Tensor]:
     """The tensors whose memory a captured step reads and writes outside its pool: modules, optimizer states,
-    learning rates and the progress."""
-    tensors = [*trainer.student.state_dict(keep_vars=True).values(),
-               *trainer.generator.state_dict(keep_vars=True).values(),
-               *trainer.teacher.state_dict(keep_vars=True).values()]
-    for optimizer in (trainer.opt_S, trainer.opt_G):
+    learning rates, the progress and a pool's images."""
+    modules = [m for m in (trainer.student, trainer.generator, trainer.teacher) if m is not None]
+    tensors = [tensor for module in modules for tensor in module.state_dict(keep_vars=True).values()]
+    if trainer.pool is not None:  # read in place by the draws
+        tensors += [trainer.pool.images, trainer.pool.labels]
+    for optimizer in filter(None, (trainer.opt_S, trainer.opt_G)):
         tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
         tensors += [g["lr"] for g in optimizer.param_groups if isinstance(g["lr"], torch.Tensor)]
     if trainer.progress_tensor is not None:

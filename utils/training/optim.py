@@ -36,8 +36,9 @@ def learning_rate(base: float, policy: str, steps, decay: float, epoch: int, ite
 
 
 def set_learning_rates(options, opt_S, opt_G, epoch: int, iteration: int = 0,
-                       progress: torch.Tensor | None = None) -> tuple[float, float]:
-    """Set both optimizers' learning rates for ``iteration`` of ``epoch`` (0-based); return (lr_S, lr_G).
+                       progress: torch.Tensor | None = None) -> tuple[float, float | None]:
+    """Set both optimizers' learning rates for ``iteration`` of ``epoch`` (0-based); return (lr_S, lr_G). Without a
+    generator (``opt_G`` None) lr_G is None.
 
     A cosine schedule runs over the epochs each network trains in: the student's starts after warm-up.
     A learning rate held in a tensor (CUDA, :func:`build_optimizers`) is written in place, and so is ``progress``
@@ -46,8 +47,9 @@ def set_learning_rates(options, opt_S, opt_G, epoch: int, iteration: int = 0,
     o = options
     rates = []
     for net, optimizer, first_epoch in (("S", opt_S, o.warmup_epochs), ("G", opt_G, 0)):
-        rates.append(learning_rate(*o.schedule(net), epoch, iteration, o.iters_per_epoch, first_epoch, o.nEpochs))
-        for group in optimizer.param_groups:
+        rates.append(learning_rate(*o.schedule(net), epoch, iteration, o.iters_per_epoch, first_epoch, o.nEpochs)
+                     if optimizer is not None else None)
+        for group in optimizer.param_groups if optimizer is not None else ():
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(rates[-1])
             else:
@@ -86,9 +88,10 @@ def optimizer_settings(device_type: str, capturable: bool) -> dict:
 
 
 def build_optimizers(options, student_params, generator_params, capturable: bool = False,
-                     previous=(None, None)) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+                     previous=(None, None)) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """The student's optimizer (``opt_type``: Nesterov SGD or Adam) and the generator's Adam, as the official code,
-    computing as :func:`optimizer_settings` says; ``previous`` optimizers (where not None) hand over their state.
+    computing as :func:`optimizer_settings` says; ``previous`` optimizers (where not None) hand over their state. No
+    generator parameters (a run on a pool): no generator optimizer, None.
 
     ``capturable`` (CUDA only): the optimizers of a run whose iterations are captured as a CUDA graph, the self-check
     included; the learning rates live in device tensors that :func:`set_learning_rates` writes in place, as a graph
@@ -108,13 +111,14 @@ def build_optimizers(options, student_params, generator_params, capturable: bool
     else:
         opt_S = torch.optim.SGD(student_params, lr=rate(o.lr_S), momentum=o.momentum, weight_decay=o.weightDecay,
                                 nesterov=True, **settings)
-    opt_G = torch.optim.Adam(generator_params, lr=rate(o.lr_G), betas=(o.b1, o.b2), capturable=capture, **settings)
-    for optimizer in (opt_S, opt_G):
+    opt_G = torch.optim.Adam(generator_params, lr=rate(o.lr_G), betas=(o.b1, o.b2), capturable=capture,
+                             **settings) if generator_params else None
+    for optimizer in filter(None, (opt_S, opt_G)):
         # torch warns once per instance when a capturable optimizer steps outside a capture; these are meant to,
         # in the eager iterations before each capture and in the self-check.
         optimizer._warned_capturable_if_run_uncaptured = True
     for optimizer, old in zip((opt_S, opt_G), previous):
-        if old is not None:
+        if old is not None and optimizer is not None:
             load_optimizer_state(optimizer, old.state_dict())
     return opt_S, opt_G
 

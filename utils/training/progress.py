@@ -11,10 +11,12 @@ logger = logging.getLogger("granq")
 
 class Progress:
     """Shows iterations done and the mean of each loss since the last update; ``enabled=False`` shows nothing
-    (every process but rank 0)."""
+    (every process but rank 0). ``unit`` names what the iterations belong to: an epoch (``epoch 2/10``), or, where
+    given, anything else (a batch of synthetic images)."""
 
-    def __init__(self, epoch: int, epochs: int, total: int, start: int, enabled: bool = True):
+    def __init__(self, epoch: int, epochs: int, total: int, start: int, enabled: bool = True, unit: str = ""):
         self.epoch, self.epochs, self.total = epoch, epochs, total
+        self.name = unit or f"epoch {epoch + 1}/{epochs}"
         self.enabled = enabled
         self.bar = None
         self.started = time.time()
@@ -22,7 +24,7 @@ class Progress:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+            self.bar = tqdm(total=total, initial=start, desc=self.name, leave=False,
                             dynamic_ncols=True)
 
     def update(self, done: int, losses: dict) -> None:
@@ -34,8 +36,8 @@ class Progress:
             self.bar.set_postfix(shown, refresh=False)
             return
         rate = (done - self.start) / max(time.time() - self.started, 1e-9)
-        logger.info("epoch %d/%d iter %d/%d (%.2f it/s) %s", self.epoch + 1, self.epochs, done, self.total,
-                    rate, " ".join(f"{k} {v}" for k, v in shown.items()))
+        logger.info("%s iter %d/%d (%.2f it/s) %s", self.name, done, self.total, rate,
+                    " ".join(f"{k} {v}" for k, v in shown.items()))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -43,14 +45,20 @@ class Progress:
             self.bar = None
 
 
-def log_epoch(record: dict, epochs: int, student_terms=()) -> None:
-    """The end-of-epoch line: accuracy, each loss (``student_terms``: the names of the terms of loss_S and any
-    filter value, shown after it), the teacher's accuracy on generated images, learning rates."""
+def log_epoch(record: dict, epochs: int, loss_names=()) -> None:
+    """The end-of-epoch line: accuracy, the generator's losses (where there is a generator), the student's loss and
+    its terms (the ``loss_names`` after ``teacher_acc``: the terms of loss_S and any filter value), the teacher's
+    accuracy on the training images, learning rates."""
     accuracy = (f"student top-1 {record['student_top1']:.2f}% top-5 {record['student_top5']:.2f}% "
                 f"(best {record['best_top1']:.2f}%)" if "student_top1" in record else "not evaluated")
-    terms = ", ".join(f"{name} {record[name]:.4f}" for name in student_terms)
-    logger.info("epoch %d/%d: %s | loss_G %.4f (marginal %.4f, onehot %.4f, bns %.4f) loss_S %.4f%s | "
-                "teacher acc on generated %.1f%% | lr_S %.2e lr_G %.2e | %.1fs",
-                record["epoch"], epochs, accuracy, record["loss_G"], record["marginal"], record["onehot"],
-                record["bns"], record["loss_S"], f" ({terms})" if terms else "", 100 * record["teacher_acc"],
-                record["lr_S"], record["lr_G"], record["epoch_seconds"])
+    names = tuple(loss_names)
+    first = names.index("teacher_acc") + 1 if "teacher_acc" in names else len(names)
+    terms = ", ".join(f"{name} {record[name]:.4f}" for name in names[first:])
+    generator = "loss_G" in record
+    losses = (f"loss_G {record['loss_G']:.4f} (marginal {record['marginal']:.4f}, onehot {record['onehot']:.4f}, "
+              f"bns {record['bns']:.4f}) " if generator else "")
+    rates = f"lr_S {record['lr_S']:.2e}" + (f" lr_G {record['lr_G']:.2e}" if generator else "")
+    logger.info("epoch %d/%d: %s | %sloss_S %.4f%s | teacher acc on %s %.1f%% | %s | %.1fs", record["epoch"], epochs,
+                accuracy, losses, record["loss_S"], f" ({terms})" if terms else "",
+                "generated" if generator else "pool images", 100 * record["teacher_acc"], rates,
+                record["epoch_seconds"])

@@ -103,6 +103,10 @@ class TrainingState:
             raise UserError(f"the checkpoint was written in the middle of an epoch with {history.shape[1]} recorded "
                             f"values per iteration, and this run records {len(names)} ({', '.join(names)}): resume "
                             f"it with the code and student_losses that wrote it")
+        held = [name for name in MODULES + OPTIMIZERS if getattr(t, name, None) is not None]
+        if any((name in state) != (name in held) for name in MODULES + OPTIMIZERS):
+            raise UserError(f"the checkpoint holds {', '.join(n for n in MODULES + OPTIMIZERS if n in state)} and this "
+                            f"run trains {', '.join(held)}: resume it with the image_source that wrote it")
         for name, module in self._parts(MODULES).items():
             module.load_state_dict(state[name])
         for name, optimizer in self._parts(OPTIMIZERS).items():

@@ -26,14 +26,15 @@ from .graphs import may_capture
 from .losses import (
     BNStatistics,
     FeatureCapture,
-    StudentBatch,
     build_student_losses,
     check_finite,
     generator_loss,
     make_input_filter,
+    student_loss,
 )
 from .metrics_writer import MetricsWriter
 from .optim import build_optimizers, device_scalar, set_learning_rates, student_progress
+from .pools import POOL_LOSS_NAMES, PoolImages
 from .progress import Progress, log_epoch
 from .state import TrainingState
 
@@ -47,9 +48,10 @@ LOSS_NAMES = ("loss_G", "marginal", "onehot", "bns", "loss_S", "teacher_acc")
 
 
 class Trainer:
-    """Owns the student, the generator, their optimizers and the run state; writes into ``run_dir``."""
+    """Owns the student, the generator (or the pool), their optimizers and the run state; writes into ``run_dir``."""
 
-    def __init__(self, options, teacher: nn.Module, test_loader, device: torch.device, run_dir: str, meta: dict):
+    def __init__(self, options, teacher: nn.Module, test_loader, device: torch.device, run_dir: str, meta: dict,
+                 pool=None):
         self.options, self.device, self.run_dir = options, device, run_dir
         self.meta = meta  # recorded in checkpoints and the summary: id, seed, teacher weights source
         self.test_loader = test_loader
@@ -57,9 +59,10 @@ class Trainer:
         self.teacher = teacher.to(device, memory_format=self.memory_format).eval()
         self.student = self.build_student(teacher).to(device, memory_format=self.memory_format).eval()
         self.student.requires_grad_(True)
-        self.generator = build_generator(options).to(device).train()
+        self.pool = PoolImages(pool, options, device) if options.image_source == "pool" else None  # no generator then
+        self.generator = None if self.pool else build_generator(options).to(device).train()
         self.student_params = list(self.student.parameters())
-        self.generator_params = list(self.generator.parameters())
+        self.generator_params = [] if self.pool else list(self.generator.parameters())
         self.is_main = distributed.rank() == 0
         # Forward through DDP under torchrun; checkpoints always hold the unwrapped modules.
         self.student_forward = distributed.wrap(self.student, device)
@@ -67,8 +70,8 @@ class Trainer:
         self.opt_S = self.opt_G = None  # built by use_capturable, for capture or for eager iterations
         self.use_capturable(may_capture(options.cuda_graph, device))
         self.bn_stats = BNStatistics(self.teacher)
-        # The training noise (latents and labels) has a stream of its own, so that nothing else a run does
-        # (evaluating, its loader's workers, resuming) can move it.
+        # The training noise (latents and labels, or a pool's draws) has a stream of its own, so that nothing else a
+        # run does (evaluating, its loader's workers, resuming) can move it.
         self.noise = noise_generator(meta.get("seed", 0), distributed.rank(), device)  # benchmarks pass no seed
         self.graphed_step = None  # what train_epoch calls instead of step: its CUDA graph (graphs.use_cuda_graphs)
         # The student's loss: the registered terms of student_losses; hooks only for the layers they read.
@@ -77,7 +80,7 @@ class Trainer:
                                        [layer for _, term in self.student_losses for layer in term.layer_names])
         self.input_filter = make_input_filter(options.student_input_filter)
         self.records_filter = options.student_input_filter != "none"
-        self.loss_names = (LOSS_NAMES + tuple(name for name, _ in self.student_losses)
+        self.loss_names = ((POOL_LOSS_NAMES if self.pool else LOSS_NAMES) + tuple(n for n, _ in self.student_losses)
                            + ((f"{options.student_input_filter}_kept",) if self.records_filter else ()))
         self.epoch = self.iteration = 0  # the next epoch to run, and the next iteration within it
         self.history = None  # per-iteration losses of the current epoch, on the device
@@ -132,6 +135,8 @@ class Trainer:
 
         Returns the values named by ``self.loss_names``, on the device (reading them would wait for it).
         """
+        if self.pool is not None:  # no generator: the pool's iteration
+            return self.pool.step(self, train_student)
         o = self.options
         z, labels = self.sample_noise()
         images = self.generator_forward(z, labels)
@@ -152,11 +157,8 @@ class Trainer:
             with self.features.capture():
                 teacher_logits = self.teacher(student_images)
                 student_logits = self._student(student_images, sync=train_student)
-        features = self.features.take()
-        batch = StudentBatch(teacher_logits, student_logits, labels, features["teacher"], features["student"],
-                             self.student_progress())
-        terms = [term(batch) for _, term in self.student_losses]
-        loss_S = torch.stack(terms).sum()
+        terms, loss_S = student_loss(self.student_losses, self.features.take(), teacher_logits, student_logits, labels,
+                                     self.student_progress())
 
         self.opt_G.zero_grad(set_to_none=True)
         loss_G.backward(inputs=self.generator_params, retain_graph=train_student)
@@ -188,7 +190,6 @@ class Trainer:
         o = self.options
         lr_S, lr_G = self.set_learning_rates(epoch, self.iteration)
         set_act_tracking(self.student, epoch < o.act_range_epochs)
-        self.generator.train()
         if self.iteration == 0 or self.history is None:
             self.history = torch.zeros(o.iters_per_epoch, len(self.loss_names), device=self.device)
         progress = Progress(epoch, o.nEpochs, o.iters_per_epoch, self.iteration, enabled=self.is_main)
@@ -222,15 +223,14 @@ class Trainer:
             f"written to {path}. Resume with: python {sys.argv[0]} --resume {self.run_dir}", self.stop.signum)
 
     def calibrate_act_ranges(self) -> None:
-        """Fill tracked activation ranges (layer-wise, channel-wise) from generator images (runs without training)."""
+        """Fill tracked activation ranges from generator images or the pool's (ZeroQ) in runs without training."""
         if not has_tracked_ranges(self.student):
             return
-        logger.info("calibrating %s activation ranges on %d generated batches", self.options.act_mode,
-                    self.options.iters_per_epoch)
+        logger.info("calibrating %s activation ranges on %s images", self.options.act_mode, self.options.image_source)
         set_act_tracking(self.student, True)
-        with torch.no_grad():
-            for _ in range(self.options.iters_per_epoch):
-                self.student_forward(self.generator_forward(*self.sample_noise()))
+        with torch.no_grad():  # the pool's batches, or iters_per_epoch generated ones
+            for batch in self.pool.calibration_batches() if self.pool else range(self.options.iters_per_epoch):
+                self.student_forward(batch if self.pool else self.generator_forward(*self.sample_noise()))
         set_act_tracking(self.student, False)
 
     # -------------------------------------------------------------------------------- evaluation
@@ -287,7 +287,7 @@ class Trainer:
         self.metrics.append(record)
         if self.is_main:
             self.metrics_writer.write(record)
-            log_epoch(record, o.nEpochs, self.loss_names[len(LOSS_NAMES):])
+            log_epoch(record, o.nEpochs, self.loss_names)
         self.epoch = epoch + 1
         self._add_elapsed()
         self.save_checkpoint()

@@ -18,6 +18,7 @@ from .registry import (
     make_input_filter,
     register_input_filter,
     register_student_loss,
+    student_loss,
     student_loss_names,
 )
 
@@ -25,4 +26,4 @@ __all__ = ["BNStatistics", "FeatureCapture", "GENERATOR_LOSSES", "INPUT_FILTERS"
            "NonFiniteLossError", "STUDENT_LOSSES", "StudentBatch", "StudentLoss", "TOTAL_LOSSES",
            "build_student_losses", "check_finite", "entropy", "generator_loss", "input_filter_names", "kd_loss",
            "make_input_filter", "marginal_loss", "onehot_loss", "register_input_filter", "register_student_loss",
-           "student_loss_names"]
+           "student_loss", "student_loss_names"]

@@ -88,6 +88,26 @@ class BNStatistics:
                     for mean, var, module in stats)
         return total / len(stats)
 
+    def __len__(self) -> int:
+        """The number of BatchNorm layers."""
+        return len(self._layers)
+
+    def batch_statistics(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(mean, biased variance) per channel of each BatchNorm's input in the last capture, in forward order."""
+        return [(mean, var) for mean, var, _ in self._stats]
+
+    def layer_losses(self, targets=None) -> torch.Tensor:
+        """MSE(batch mean, target mean) + MSE(biased batch var, target var) of each BatchNorm in forward order, as
+        one vector; the targets (a list of (mean, var) in that order) default to the running statistics. The
+        statistics stay here (until :meth:`loss` takes them, or the next capture)."""
+        if targets is None:
+            targets = [(module.running_mean, module.running_var) for _, _, module in self._stats]
+        if len(self._stats) != len(self._layers) or len(targets) != len(self._layers):
+            raise RuntimeError(f"captured {len(self._stats)} BatchNorm inputs for {len(targets)} targets, expected "
+                               f"{len(self._layers)}")
+        return torch.stack([F.mse_loss(mean, target_mean) + F.mse_loss(var, target_var)
+                            for (mean, var, _), (target_mean, target_var) in zip(self._stats, targets)])
+
     def remove(self) -> None:
         for handle in self._handles.values():
             handle.remove()

@@ -41,7 +41,7 @@ from ...system.errors import UserError
 
 __all__ = ["INPUT_FILTERS", "STUDENT_LOSSES", "FeatureCapture", "MissingLayersError", "StudentBatch", "StudentLoss",
            "build_student_losses", "input_filter_names", "make_input_filter", "register_input_filter",
-           "register_student_loss", "student_loss_names"]
+           "register_student_loss", "student_loss", "student_loss_names"]
 
 # name -> the registered function or StudentLoss subclass, in order of registration
 STUDENT_LOSSES: dict[str, object] = {}
@@ -166,6 +166,16 @@ def build_student_losses(options, teacher: nn.Module) -> list[tuple[str, Student
                                 f"{error}; drop {name!r} from student_losses for this network") from None
         terms.append((name, term))
     return terms
+
+
+def student_loss(terms, features: dict, teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                 labels: torch.Tensor, progress=0.0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each of ``terms`` ((name, term) pairs of :func:`build_student_losses`) on one :class:`StudentBatch` of the
+    logits, the labels, the layer outputs ``features`` (by role, :meth:`FeatureCapture.take`) and the ``progress``;
+    returns the values and their sum, ``loss_S``."""
+    batch = StudentBatch(teacher_logits, student_logits, labels, features["teacher"], features["student"], progress)
+    values = [term(batch) for _, term in terms]
+    return values, torch.stack(values).sum()
 
 
 class FeatureCapture:
