@@ -19,8 +19,8 @@ __all__ = ["FORMAT", "GENERATOR_KEYS", "IMAGE_SOURCES", "SYNTHESIS_KEYS", "PoolS
 FORMAT = 1  # of the pool's files and of its key: bump when either changes in a way older pools cannot be read
 IMAGE_SOURCES = ("generator", "pool")
 # Config keys that only the generator reads: a run on a pool, which has none, refuses them away from their defaults.
-GENERATOR_KEYS = ("generator", "generator_loss", "latent_dim", "lr_G", "lrPolicy_G", "step_G", "decayRate_G", "b1", "b2",
-                  "alpha_ds", "alpha_as", "lambda_l", "lambda_u", "beta", "gamma")
+GENERATOR_KEYS = ("generator", "generator_loss", "latent_dim", "lr_G", "lrPolicy_G", "step_G", "decayRate_G", "b1",
+                  "b2", "alpha_ds", "alpha_as", "lambda_l", "lambda_u", "beta", "gamma")
 
 
 @dataclass(frozen=True)
