@@ -22,7 +22,9 @@ def kl(batch, options) -> torch.Tensor:
     temperature = options.temperature
     divergence = F.kl_div(F.log_softmax(batch.student_logits / temperature, dim=1),
                           F.log_softmax(batch.teacher_logits.detach() / temperature, dim=1),
-                          reduction=options.kl_reduction, log_target=True)
+                          reduction="batchmean", log_target=True)
+    if options.kl_reduction == "mean":  # what torch's "mean" gives, without its warning that it will change
+        divergence = divergence / batch.student_logits.shape[1]
     return options.alpha * temperature**2 * divergence
 
 
