@@ -27,6 +27,7 @@ from .quantize import (
     shared_act_quantizers,
     unquantized_inputs,
 )
+from .registry import Registry, UnknownNameError
 
 __all__ = [
     "ACT_MODES",
@@ -39,8 +40,10 @@ __all__ = [
     "QuantAct",
     "QuantConv2d",
     "QuantLinear",
+    "Registry",
     "STUDENT_KEYS",
     "StraightThrough",
+    "UnknownNameError",
     "activation_classes",
     "WeightQuant",
     "act_quantizer_names",

@@ -32,13 +32,10 @@ import torch
 import torch.distributed as dist
 
 from .functional import channel_fake_quant, channel_range, layerwise_fake_quant
+from .registry import Registry
 
 __all__ = ["ACT_QUANTIZERS", "ActQuantizer", "ChannelRange", "GranQ", "LayerwiseRange", "TrackedRange",
            "act_quantizer_names", "all_reduce_range", "make_act_quantizer", "register_act_quantizer"]
-
-# name -> the registered function or ActQuantizer subclass, in order of registration
-ACT_QUANTIZERS: dict[str, object] = {}
-
 
 class ActQuantizer:
     """Base of the registered quantizer classes. An instance belongs to one QuantAct but keeps nothing:
@@ -60,6 +57,10 @@ class ActQuantizer:
         return ""
 
 
+# name -> the registered function or ActQuantizer subclass, in order of registration
+ACT_QUANTIZERS = Registry("activation quantizer", ActQuantizer, "its formula")
+
+
 class _FunctionQuantizer(ActQuantizer):
     """A registered function ``f(x, bits)``: no state."""
 
@@ -73,32 +74,18 @@ class _FunctionQuantizer(ActQuantizer):
 def register_act_quantizer(name: str):
     """Decorator registering an activation quantizer (a function ``f(x, bits)`` or an :class:`ActQuantizer`
     subclass) under ``name``; its docstring must state the formula."""
-
-    def register(entry):
-        if name in ACT_QUANTIZERS:
-            raise ValueError(f"an activation quantizer named {name!r} is already registered")
-        if inspect.isclass(entry) and not issubclass(entry, ActQuantizer):
-            raise TypeError(f"activation quantizer {name!r}: a class must subclass ActQuantizer")
-        if not inspect.isclass(entry) and not callable(entry):
-            raise TypeError(f"activation quantizer {name!r}: expected a function or an ActQuantizer subclass")
-        if not (entry.__doc__ or "").strip():
-            raise TypeError(f"activation quantizer {name!r} needs a docstring that states its formula")
-        ACT_QUANTIZERS[name] = entry
-        return entry
-
-    return register
+    return ACT_QUANTIZERS.register(name)
 
 
 def act_quantizer_names() -> tuple[str, ...]:
     """The registered ``act_mode`` names, in order of registration."""
-    return tuple(ACT_QUANTIZERS)
+    return ACT_QUANTIZERS.names()
 
 
 def make_act_quantizer(name: str) -> ActQuantizer:
-    """A new instance of the quantizer registered as ``name``; ValueError listing the names if there is none."""
-    entry = ACT_QUANTIZERS.get(name)
-    if entry is None:
-        raise ValueError(f"act_mode must be one of {', '.join(ACT_QUANTIZERS)}; got {name!r}")
+    """A new instance of the quantizer registered as ``name``; :class:`~.registry.UnknownNameError` listing the
+    names if there is none."""
+    entry = ACT_QUANTIZERS[name]
     return entry() if inspect.isclass(entry) else _FunctionQuantizer(entry)
 
 

@@ -68,7 +68,7 @@ def test_quant_act_layerwise_moving_average():
 
 
 def test_quant_act_rejects_unknown_mode():
-    with pytest.raises(ValueError, match="act_mode must be one of"):
+    with pytest.raises(ValueError, match="no activation quantizer is registered as 'percentile'"):
         QuantAct(4, "percentile")
 
 
