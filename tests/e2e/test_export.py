@@ -25,7 +25,7 @@ from utils.export.onnx_modules import GRANQ_DEPLOYMENT, deploy_model, onnx_act_m
 from utils.export.runtime import onnx_logits, onnx_session
 from utils.models import build_teacher
 from utils.runs.config import load_options
-from utils.runs.export import main as export_main
+from utils.runs.export_cli import main as export_main
 from utils.runs.saved import evaluate_saved
 from utils.training.checkpoints import student_record
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from utils.sweeps.plans import load_plan, resolve_plan
-from utils.sweeps.reproduce import main
+from utils.sweeps.reproduce_cli import main
 
 from ..conftest import CIFAR10_CONF, ROOT, make_image_folder
 
