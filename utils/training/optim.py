@@ -78,7 +78,7 @@ def build_optimizers(options, student_params, generator_params) -> tuple[torch.o
     the iteration is replayed as a CUDA graph (``cuda_graph``), so that graphed and eager runs compute the same: a
     graph reads the learning rate from memory (a Python float would be frozen at capture), and torch's SGD takes a
     tensor learning rate without a device synchronisation only fused; Adam must also be ``capturable``. On the CPU
-    they are the plain implementations with float rates, as before.
+    they are the plain implementations with float rates.
     """
     o = options
     cuda = student_params[0].device.type == "cuda"
