@@ -1,1 +1,2 @@
-"""Speed benchmarks: ``python benchmarks/quantizer_speed.py`` and ``python benchmarks/train_step.py``."""
+"""Timings: ``python benchmarks/quantizer_speed.py``, ``python benchmarks/train_step.py`` and the others here; the
+correctness probes are in ``checks/``."""

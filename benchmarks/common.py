@@ -1,4 +1,5 @@
-"""What both benchmarks share: the machine's description and device synchronisation."""
+"""What the benchmarks and the probes of ``checks/`` share: the machine's description and device
+synchronisation."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ that of the median pass:
   what a later run pays (reading and checking the file);
 - ``float``: ResNet-18 (random weights) through :func:`utils.training.evaluate.evaluate` from the cached loader, as a
   run evaluates its teacher;
-- ``granq``: its W4A4 GranQ student (kernel-wise weights, ``granq_impl = auto``), as a run evaluates it.
+- ``granq``: its W4A4 GranQ student (kernel-wise weights, ``quant_impl = auto``), as a run evaluates it.
 
 ``exact``: every batch of the cached loader is ``torch.equal`` to the decoding loader's. The last line
 printed is one JSON row: ``decode_images_s``, ``cached_images_s``, their ``ratio``, ``exact``, ``build_s``,
@@ -52,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.common import describe, environment, finish, synchronize  # noqa: E402
-from quantization_utils import granq_path, quantize_model, set_act_tracking  # noqa: E402
+from quantization_utils import StudentSpec, quant_path, quantize_model, set_act_tracking  # noqa: E402
 from utils.data.loaders import build_test_loader  # noqa: E402
 from utils.models import get_model_spec  # noqa: E402
 from utils.runs.config import load_options  # noqa: E402
@@ -142,7 +142,8 @@ def measure_all(options, device: torch.device, images: int, passes: int) -> dict
     exact = same_batches(cached, decoding, device)
     torch.manual_seed(0)
     float_model = get_model_spec(options.network).build().to(device).eval()
-    student = quantize_model(float_model, 4, 4, "granq", "kernel", granq_impl="auto").to(device).eval()
+    student = quantize_model(float_model, StudentSpec.of(4, 4, mode="granq", granularity="kernel", impl="auto"))
+    student = student.to(device).eval()
     set_act_tracking(student, False)  # frozen, as evaluation runs it
     results = {
         "decode": measure("decode", lambda: loader_only(decoding, device), images, passes, LOADER_SECONDS),
@@ -191,9 +192,9 @@ def main(argv=None) -> int:
                                         f"test_batch_size={args.batch}", "teacher_weights=random",
                                         f"eval_cache={os.path.join(root, 'cache')}"])
         measured = measure_all(options, device, images, args.passes)  # its loader's workers end with it
-    path = granq_path("auto")
-    print(f"granq_path: {path}")
-    finish(env, started, args.json, {"args": vars(args), "images": images, "granq_path": path, **measured})
+    path = quant_path("auto")
+    print(f"quant_path: {path}")
+    finish(env, started, args.json, {"args": vars(args), "images": images, "quant_path": path, **measured})
     print(json.dumps(measured["row"]))
     return 0
 

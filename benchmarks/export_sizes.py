@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -49,8 +50,7 @@ def _state_bytes(model: torch.nn.Module) -> int:
 
 
 def _student(options, teacher, calibrate_size: int | None = None):
-    student = quantize_model(teacher, options.qw, options.qa, options.act_mode, options.weight_granularity,
-                             "eager", options.act_types).eval()
+    student = quantize_model(teacher, dataclasses.replace(options, quant_impl="eager").student_spec()).eval()
     if calibrate_size:
         set_act_tracking(student, True)
         with torch.no_grad():

@@ -46,12 +46,11 @@ def _counted(fn) -> tuple[int, object]:
 def count_iteration(conf_path: str) -> dict:
     """FLOPs of each forward pass and of the backward passes of one iteration, for ``conf_path``."""
     # Eager quantizers: no compilation under the counter; they hold no counted operation either way.
-    options = load_options(conf_path, ["teacher_weights=random", "granq_impl=eager"])
+    options = load_options(conf_path, ["teacher_weights=random", "quant_impl=eager"])
     torch.manual_seed(0)
     teacher, _ = build_teacher(options.network, "random")
     teacher.eval()
-    student = quantize_model(teacher, options.qw, options.qa, options.act_mode, options.weight_granularity,
-                             granq_impl=options.granq_impl).eval()
+    student = quantize_model(teacher, options.student_spec()).eval()
     generator = build_generator(options).train()
     generator_params = list(generator.parameters())
     student_params = list(student.parameters())

@@ -2,18 +2,18 @@
 
     bash benchmarks/gpu_check.sh [--device cuda|cpu] [--quick] [--results DIR] [--steps STEP ... | --only STEP]
 
-Steps, each in its own process; a step that fails or runs out of time is reported and the next one runs:
+Steps, each in its own process; a step that fails or runs out of time is reported and the next one runs. The
+correctness probes it runs are in ``checks/``, the timings here:
 
-1. ``exactness``: ``exactness_probe.py``, compiled GranQ against eager value by value (fails where they differ);
-2. ``cli``: a 2-epoch CIFAR-10 run of the command line with ``deterministic = true``, then ``--eval`` of its
-   directory: the saved student must give the run's top-1 and top-5 exactly. The teacher is random and saved
-   to a file, its BatchNorm statistics and last layer fitted to a synthetic test set (an ImageFolder made in a
-   temporary folder) that is labelled with its own predictions, so that a student's accuracy is neither
-   chance nor 100 % and moves with its weights;
-3. ``cli_compiled``: the same with ``granq_impl = compiled`` (no eager fallback): it must also run compiled;
-4. ``graph_probe``: ``graph_probe.py``: graphed against eager iterations, value by value, for every mode (on the
-   CPU eager against eager, which checks the comparison only); fails where they differ;
-5. ``train_step``: ``train_step.py``: seconds per iteration, peak memory and granq_path; CUDA: CIFAR-10
+1. ``exactness``: ``checks/exactness_probe.py``, compiled GranQ against eager value by value (fails where they
+   differ);
+2. ``cli``: ``checks/cli_eval.py``: a 2-epoch CIFAR-10 run of the command line with ``deterministic = true``, then
+   ``--eval`` of its directory: the saved student must give the run's top-1 and top-5 exactly (on a synthetic
+   test set labelled by the random teacher, so that a student's accuracy moves with its weights);
+3. ``cli_compiled``: the same with ``quant_impl = compiled`` (no eager fallback): it must also run compiled;
+4. ``graph_probe``: ``checks/graph_probe.py``: graphed against eager iterations, value by value, for every mode
+   (on the CPU eager against eager, which checks the comparison only); fails where they differ;
+5. ``train_step``: ``train_step.py``: seconds per iteration, peak memory and quant_path; CUDA: CIFAR-10
    (batch 16), CIFAR-100 (batch 200), ImageNet ResNet-18 and ResNet-50 (batch 16), the ``granq graphed``
    student included;
 6. ``quantizer_speed``: ``quantizer_speed.py``;
@@ -24,7 +24,7 @@ Steps, each in its own process; a step that fails or runs out of time is reporte
    that ``benchmarks/prepare_gpu_data.sh`` copies into ``.gpu_data/`` (ignored by git; ``../shared`` is not
    beside the project on a GPU machine). It must finish within FULL_RUN_CAP seconds; if not, it is stopped and
    its JSON records the iterations done and the projected wall time, and the step fails. ``--quick``: 2 epochs
-   of 2 iterations on the synthetic test set of ``cli``.
+   of 2 iterations on the synthetic test set of ``cli`` (:func:`checks.cli_eval.labelled_test_set`).
 
 On CUDA the whole check takes two commands of under 9 minutes each (docs/speed.md, GPU):
 ``--steps exactness cli cli_compiled graph_probe train_step quantizer_speed eval_throughput``, then
@@ -49,13 +49,13 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.common import describe, environment  # noqa: E402
+from checks.cli_eval import labelled_test_set  # noqa: E402
 
 TARGET_SECONDS = 8 * 60  # on one H100
 CIFAR10_CONF = os.path.join(ROOT, "CIFAR", "cifar10_resnet20.hocon")
@@ -155,7 +155,7 @@ def load(path: str) -> dict:
 # ----------------------------------------------------------------------------------------------- steps
 def exactness(check: Check) -> dict:
     path = check.json_path("exactness_probe")
-    check.run(["benchmarks/exactness_probe.py", "--device", check.device, "--json", path]
+    check.run(["checks/exactness_probe.py", "--device", check.device, "--json", path]
               + (["--quick"] if check.quick else []), 240, "exactness_probe.py", allowed=(0, 1))
     result = load(path)
     setting = result["package_setting"]
@@ -167,83 +167,19 @@ def exactness(check: Check) -> dict:
             "result": f"{setting}: {differ} values differ from eager"}
 
 
-def labelled_test_set(root: str, count: int) -> tuple[str, str]:
-    """A CIFAR-10 ImageFolder of ``count`` blocky 32x32 images labelled by a random teacher fitted to them,
-    and that teacher's weights file; returns (folder, weights)."""
-    from PIL import Image
-    from torchvision import transforms
-
-    from utils.data.loaders import NORMALIZATION
-    from utils.models import build_teacher
-
-    rng = np.random.default_rng(0)
-    pictures = [Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((32, 32), Image.NEAREST)
-                for _ in range(count)]
-    to_input = transforms.Compose([transforms.ToTensor(), transforms.Normalize(*NORMALIZATION["cifar10"])])
-    images = torch.stack([to_input(p) for p in pictures])
-    torch.manual_seed(0)
-    teacher, _ = build_teacher("resnet20_cifar10", "random")
-    with torch.no_grad():
-        for module in teacher.modules():  # BatchNorm statistics of these images: one average over them
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.reset_running_stats()
-                module.momentum = None
-        teacher.train()(images)
-        teacher.eval()
-        features = []
-        handle = teacher.output.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
-        teacher(images)
-        handle.remove()
-        # The last layer centred and scaled on these images, so that the predictions spread over the classes.
-        weight = torch.randn(10, features[0].shape[1]) / (features[0].std(0) + 1e-6)
-        teacher.output.weight.copy_(weight)
-        teacher.output.bias.copy_(-weight @ features[0].mean(0))
-        labels = teacher(images).argmax(1).tolist()
-    folder = os.path.join(root, "test")
-    for c in range(10):
-        os.makedirs(os.path.join(folder, f"class{c}"))
-    for i, (picture, label) in enumerate(zip(pictures, labels)):
-        picture.save(os.path.join(folder, f"class{label}", f"{i:04d}.png"))
-    weights = os.path.join(root, "teacher.pth")
-    torch.save(teacher.state_dict(), weights)
-    return folder, weights
-
-
-def cli_run(check: Check, granq_impl: str) -> dict:
-    """Train 2 epochs through the command line, then ``--eval`` the run: the accuracies must be equal."""
-    quick = check.quick
-    with tempfile.TemporaryDirectory() as root:
-        test_set, weights = labelled_test_set(root, 40 if quick else 400)
-        # the evaluation cache too goes with the temporary folder: nothing is left in ~/.cache
-        sets = [f"save_path={root}/runs", f"dataPath={test_set}", f"teacher_weights={weights}", "nEpochs=2",
-                f"iters_per_epoch={2 if quick else 20}", f"batchSize={4 if quick else 16}", "warmup_epochs=0",
-                "lr_S=1e-5", "deterministic=true", f"granq_impl={granq_impl}", "test_batch_size=100",
-                f"nThreads={0 if quick else 4}", f"eval_cache={root}/eval_cache"]
-        # 6 bits: the student agrees with its teacher on part of the images only
-        args = ["CIFAR/main.py", "--conf_path", CIFAR10_CONF, "--id", "1", "--qw", "6", "--qa", "6"]
-        for s in sets:
-            args += ["--set", s]
-        run = json.loads(check.run(args, 300, "the 2-epoch run").strip().splitlines()[-1])
-        evaluated = json.loads(check.run(["CIFAR/main.py", "--eval", run["run_dir"]], 180, "--eval of the run")
-                               .strip().splitlines()[-1])
-    record = {"run": run, "eval": evaluated}
-    path = check.json_path("cli_run" if granq_impl == "auto" else f"cli_run_{granq_impl}")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
-    same = (evaluated["student_top1"], evaluated["student_top5"]) == (run["student_top1"], run["student_top5"])
-    summary = (f"top-1 {run['student_top1']:.2f} / {evaluated['student_top1']:.2f} (run / --eval), teacher "
-               f"{run['teacher_top1']:.2f}, granq_path {run['granq_path']}, deterministic {run['deterministic']} / "
-               f"{evaluated['deterministic']}")
-    if not same:
-        raise StepFailed(f"--eval differs from the run: {summary}; top-5 {run['student_top5']} / "
-                         f"{evaluated['student_top5']}")
-    if not (run["deterministic"] and evaluated["deterministic"]):
-        raise StepFailed(f"deterministic = true was not in effect: {summary}")
-    if granq_impl == "compiled" and run["granq_path"] != "compiled":
-        raise StepFailed(f"granq_impl = compiled did not run compiled: {run['granq_path']}")
+def cli_run(check: Check, quant_impl: str) -> dict:
+    """``checks/cli_eval.py``: train 2 epochs through the command line, then ``--eval`` the run; the accuracies
+    must be equal."""
+    path = check.json_path("cli_run" if quant_impl == "auto" else f"cli_run_{quant_impl}")
+    check.run(["checks/cli_eval.py", "--quant-impl", quant_impl, "--json", path]
+              + (["--quick"] if check.quick else []), 480, "cli_eval.py", allowed=(0, 1))
+    record = load(path)
+    run, evaluated = record["run"], record["eval"]
+    if record["failures"]:
+        raise StepFailed("; ".join(record["failures"]))
     return {"json": path, "student_top1": run["student_top1"], "eval_top1": evaluated["student_top1"],
-            "granq_path": run["granq_path"], "tf32": run["tf32"], "cudnn_benchmark": run["cudnn_benchmark"],
-            "result": summary}
+            "quant_path": run["quant_path"], "tf32": run["tf32"], "cudnn_benchmark": run["cudnn_benchmark"],
+            "result": record["result"]}
 
 
 def train_step(check: Check) -> dict:
@@ -258,7 +194,7 @@ def train_step(check: Check) -> dict:
     for r in load(path)["results"]:
         memory = r["memory"].get("granq", {}).get("peak_mib")
         rows[f"{r['setting']} b{r['batch']}"] = {"seconds": r["seconds"], "peak_mib": memory,
-                                                 "granq_path": r["granq_path"]}
+                                                 "quant_path": r["quant_path"]}
     text = "; ".join(f"{k}: granq {v['seconds']['granq']:.4f} s"
                      + (f", graphed {v['seconds']['granq graphed']:.4f} s" if "granq graphed" in v["seconds"] else "")
                      + (f", {v['peak_mib']:.0f} MiB" if v["peak_mib"] else "") for k, v in rows.items())
@@ -275,8 +211,8 @@ def quantizer_speed(check: Check) -> dict:
                      "--repeats", "2"]
     check.run(args, 240, "quantizer_speed.py")
     rows = load(path)["rows"]
-    paths = sorted({row["granq_path"] for row in rows})
-    return {"json": path, "rows": len(rows), "granq_path": paths, "result": f"{len(rows)} shapes, granq_path {paths}"}
+    paths = sorted({row["quant_path"] for row in rows})
+    return {"json": path, "rows": len(rows), "quant_path": paths, "result": f"{len(rows)} shapes, quant_path {paths}"}
 
 
 def eval_throughput(check: Check) -> dict:
@@ -289,16 +225,16 @@ def eval_throughput(check: Check) -> dict:
         raise StepFailed(f"the cached loader's batches differ from the decoding loader's; see {path}")
     rates = {name: round(r["images_per_s"], 1) for name, r in result["results"].items()}
     return {"json": path, "images_per_s": rates, "cached_over_decode": row["ratio"], "exact": row["exact"],
-            "build_s": row["build_s"], "cache_on": result["cache_on"], "granq_path": result["granq_path"],
+            "build_s": row["build_s"], "cache_on": result["cache_on"], "quant_path": result["quant_path"],
             "result": ", ".join(f"{name} {rate} images/s" for name, rate in rates.items())
             + f"; cached/decode {row['ratio']}x, exact, cache on {result['cache_on']}"}
 
 
 def graph_probe(check: Check) -> dict:
     path = check.json_path("graph_probe")
-    args = ["benchmarks/graph_probe.py", "--device", check.device, "--json", path]
+    args = ["checks/graph_probe.py", "--device", check.device, "--json", path]
     if check.quick and check.device == "cpu":  # one mode, small, eager quantizers: the comparison is what is checked
-        args += ["--modes", "default", "--batch", "4", "--granq-impl", "eager", "--no-faults"]
+        args += ["--modes", "default", "--batch", "4", "--quant-impl", "eager", "--no-faults"]
     check.run(args, 400, "graph_probe.py", allowed=(0, 1))
     result = load(path)
     differing = {r.get("fault") or r["mode"]: len(r["differences"]) for r in result["results"]}
@@ -343,7 +279,7 @@ def full_run(check: Check) -> dict:
                   iters_per_epoch=o["iters_per_epoch"], target_wall_seconds=FULL_RUN_TARGET, cap_seconds=cap)
     if summary is not None:
         record.update({key: summary.get(key) for key in ("epochs", "student_top1", "best_top1", "teacher_top1",
-                                                         "cuda_graph", "device", "granq_path", "deterministic")})
+                                                         "cuda_graph", "device", "quant_path", "deterministic")})
     else:  # stopped at its cap: what it did, and what the whole would take at that pace
         done = len(metrics) * o["iters_per_epoch"]
         record.update(epochs=len(metrics), iterations_done=done, cuda_graph=None,

@@ -11,7 +11,8 @@ CUDA context cannot take the others with it; the fallback step also leaves its p
    thread is on the default stream, ``torch.cuda.empty_cache()`` works, allocated memory stays flat;
 3. ``channel_setup``: a fresh trainer with ``act_mode = channel`` and ``cuda_graph = auto`` gets through setup
    (its self-check included);
-4. ``graph_probe``: ``graph_probe.py`` for every mode, deterministic, then ``--nondeterministic`` for the default;
+4. ``graph_probe``: ``checks/graph_probe.py`` for every mode, deterministic, then ``--nondeterministic`` for the
+   default;
 5. ``off_vs_on``: 2 epochs of 20 iterations through the command line with ``cuda_graph = off`` and ``on``
    (``deterministic = true``), both summaries recorded; on the shared teacher and test set where
    ``benchmarks/prepare_gpu_data.sh`` put them in ``.gpu_data/``, else a fitted random teacher and a synthetic
@@ -157,12 +158,12 @@ IN_PROCESS = {"self_check": self_check, "fallback": fallback, "channel_setup": c
 # ------------------------------------------------------------------------------ steps (other processes)
 def graph_probe(check: Check) -> dict:
     results = {}
-    quick_cpu = ["--modes", "channel", "--batch", "4", "--granq-impl", "eager", "--no-faults"]
+    quick_cpu = ["--modes", "channel", "--batch", "4", "--quant-impl", "eager", "--no-faults"]
     for label, extra in (("deterministic", quick_cpu if check.quick else []),
                          ("nondeterministic", ["--nondeterministic", "--modes", "default", "--no-faults"]
                           + (["--batch", "4"] if check.quick else []))):
         path = check.json_path(f"graph_probe_{label}")
-        check.run(["benchmarks/graph_probe.py", "--device", check.device, "--json", path, *extra], 300,
+        check.run(["checks/graph_probe.py", "--device", check.device, "--json", path, *extra], 300,
                   f"graph_probe.py ({label})", allowed=(0, 1))
         result = load(path)
         results[label] = {"failed": result["failed"], "graphed": result["graphed"]}

@@ -73,7 +73,7 @@ def measure_evaluation(config: str, batch: int) -> dict:
 
     options = load_options(os.path.join(ROOT, "ImageNet", f"{config}.hocon"), ["teacher_weights=random"])
     teacher, _ = build_teacher(options.network, options.teacher_weights)
-    student = quantize_model(teacher, options.qw, options.qa, options.act_mode, options.weight_granularity)
+    student = quantize_model(teacher, options.student_spec())
     batches = [(torch.randn(batch, 3, 224, 224), torch.zeros(batch, dtype=torch.long))]
     started = time.perf_counter()
     for model in (teacher, student):

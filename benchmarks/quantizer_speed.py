@@ -15,7 +15,7 @@ batch 16) it times, forward only (no autograd, as in evaluation) and forward + b
 
 Each figure is the median of repeated samples, warm-up (and compilation) excluded; methods take turns
 within each round so that a busy machine slows all of them alike. The table ends with the ratios of the
-speed targets; ``--json`` writes every figure. Every row records ``granq_path``: ``"compiled"``, or
+speed targets; ``--json`` writes every figure. Every row records ``quant_path``: ``"compiled"``, or
 ``"eager: <why>"`` where the compiled path failed; then the two "fast" methods are not measured (they
 would be eager under another name) and the targets that need them are not evaluated.
 """
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import describe, environment, finish, synchronize  # noqa: E402
-from quantization_utils import QuantAct, quantize_model  # noqa: E402
+from quantization_utils import QuantAct, StudentSpec, quantize_model  # noqa: E402
 from quantization_utils.functional import (  # noqa: E402
     StraightThrough,
     channel_fake_quant,
@@ -59,7 +59,7 @@ LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 
 def activation_shapes(network: str, image_size: int) -> list[tuple[int, ...]]:
     """Distinct per-sample input shapes of the QuantActs of the quantized ``network``, in order of use."""
-    student = quantize_model(get_model_spec(network).build().eval(), 8, 8, granq_impl="eager")
+    student = quantize_model(get_model_spec(network).build().eval(), StudentSpec.of(8, 8, impl="eager"))
     shapes: list[tuple[int, ...]] = []
     handles = [m.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[1:])))
                for m in student.modules() if isinstance(m, QuantAct)]
@@ -118,7 +118,7 @@ class Quantizers:
                   f"not measured", file=sys.stderr)
 
     @property
-    def granq_path(self) -> str:
+    def quant_path(self) -> str:
         """``"compiled"`` where the "fast" methods run compiled code, else ``"eager: <why>"``."""
         return f"eager: {self.fast_failure}" if self.fast_failure else self.granq_fast.path
 
@@ -226,13 +226,13 @@ def run_device(device: torch.device, args) -> list[dict]:
                     x = contiguous.to(memory_format=LAYOUTS[layout])
                     row = {"device": device.type, "layout": layout, "network": network, "batch": batch,
                            "shape": list(full), "channels": shape[0], "bits": args.bits,
-                           "granq_path": None,
+                           "quant_path": None,
                            "torch_op_mismatch": None, "torch_op_max_diff_steps": None}
                     row["torch_op_mismatch"], row["torch_op_max_diff_steps"] = torch_op_mismatch(x, args.bits)
                     for mode in MODES:
                         calls = {name: make_call(fn, x, mode) for name, fn in quantizers.methods().items()}
                         row[mode] = time_methods(calls, device, args.repeats, args.min_sample_s, args.budget_s)
-                    row["granq_path"] = quantizers.granq_path
+                    row["quant_path"] = quantizers.quant_path
                     rows.append(row)
                     print(f"  {network} {list(full)} {layout}: done", file=sys.stderr, flush=True)
     return rows
@@ -267,8 +267,8 @@ def print_table(rows: list[dict]) -> None:
                 line += (f" {r['granq_fast_over_layerwise_fast']:9.2f} {r['channel_loop_over_granq_fast']:10.1f}"
                          if r else f" {'-':>9} {'-':>10}")
             print(line)
-    print("\ngranq_path: " + "; ".join(f"{device}: {path}" for device, path in
-                                       dict.fromkeys((row["device"], row["granq_path"]) for row in rows)))
+    print("\nquant_path: " + "; ".join(f"{device}: {path}" for device, path in
+                                       dict.fromkeys((row["device"], row["quant_path"]) for row in rows)))
     print("\ntargets (fwd+bwd, one run):")
     for device, layout in dict.fromkeys((row["device"], row["layout"]) for row in rows):
         mine = [row for row in rows if (row["device"], row["layout"]) == (device, layout)]
@@ -279,7 +279,7 @@ def print_table(rows: list[dict]) -> None:
               f"elements of a shape, by at most {steps:.1e} of a grid step (rounding, not another grid)")
         eager_rows = [row for row in mine if ratios(row) is None]
         if eager_rows:
-            print(f"  {device}: targets of the fast path not evaluated: {eager_rows[0]['granq_path']}")
+            print(f"  {device}: targets of the fast path not evaluated: {eager_rows[0]['quant_path']}")
             continue
         worst = max(ratios(row)["granq_fast_over_layerwise_fast"] for row in mine)
         at64 = [ratios(row)["channel_loop_over_granq_fast"] for row in mine if row["channels"] == 64]

@@ -10,8 +10,8 @@ iteration (warmup_epochs = 0) and layer-wise ranges tracked, as in the first epo
 by default, ``--students`` picks some; ``float`` is always measured, as the reference):
 
 - ``float``: an unquantized copy of the teacher (the floor: what any zero-shot QAT step costs here);
-- ``granq``: GranQ activations and kernel-wise weights through the default fast path (``granq_impl = auto``);
-- ``granq eager``: the same with ``granq_impl = eager``;
+- ``granq``: GranQ activations and kernel-wise weights through the default fast path (``quant_impl = auto``);
+- ``granq eager``: the same with ``quant_impl = eager``;
 - ``granq graphed`` (CUDA only, and there by default): ``granq`` with the iteration replayed as a CUDA graph
   (:class:`utils.training.graphs.GraphedStep`, as ``cuda_graph = auto`` runs it); its warm-up and capture are
   untimed;
@@ -23,8 +23,8 @@ by default, ``--students`` picks some; ``float`` is always measured, as the refe
   generator (``image_source = pool``; a small pool synthesised in memory first, untimed), and the recipe ``synq``
   on one (docs/methods.md).
 
-``granq_impl = auto`` runs eager where the compiled path fails; each record's ``granq_path`` says which
-ran (:func:`quantization_utils.granq_path`), and the table then heads the ``granq`` column ``granq(eager)``.
+``quant_impl = auto`` runs eager where the compiled path fails; each record's ``quant_path`` says which
+ran (:func:`quantization_utils.quant_path`), and the table then heads the ``granq`` column ``granq(eager)``.
 
 Models are laid out as the trainer lays them out (channels_last teacher and student on the CPU);
 ``--memory-format contiguous`` measures the default layout instead.
@@ -58,7 +58,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.common import describe, environment, finish, synchronize  # noqa: E402
-from quantization_utils import granq_path, set_act_tracking  # noqa: E402
+from quantization_utils import quant_path, set_act_tracking  # noqa: E402
 from utils.models import build_teacher  # noqa: E402
 from utils.runs.config import load_options  # noqa: E402
 from utils.sweeps.plans import load_plan, resolve_plan  # noqa: E402
@@ -75,25 +75,25 @@ SETTINGS = {
 }
 # An ImageNet training iteration takes seconds on a few CPU cores: measured there only when asked for.
 CPU_SETTINGS = ("cifar10", "cifar100")
-STUDENTS = {"float": [], "granq": ["granq_impl=auto"], "granq eager": ["granq_impl=eager"],
-            "layerwise": ["act_mode=layerwise"], "granq graphed": ["granq_impl=auto"]}
+STUDENTS = {"float": [], "granq": ["quant_impl=auto"], "granq eager": ["quant_impl=eager"],
+            "layerwise": ["act_mode=layerwise"], "granq graphed": ["quant_impl=auto"]}
 DEFAULT_STUDENTS = ("float", "granq", "granq eager", "layerwise")  # and granq graphed on CUDA
 GRAPHED = "granq graphed"
 # GranQ students with the add-ons of docs/addons.md, measured only when named in --students: the cost of each term.
 # They are the variants of the ablation plan, so that the costs pair with its accuracies.
 ADDONS = {name: list(overrides) for name, overrides in load_plan(resolve_plan("addons_cpu")).variants
           if name != "baseline"}
-STUDENTS.update({f"granq+{name}": ["granq_impl=auto", *overrides] for name, overrides in ADDONS.items()})
+STUDENTS.update({f"granq+{name}": ["quant_impl=auto", *overrides] for name, overrides in ADDONS.items()})
 # Training on a pool: its iteration does not depend on the pool's size or quality, so a small one made in two steps.
 POOL = ["image_source=pool", "pool_size=256", "pool_batch=256", "pool_iters=2", "pool_cache=off"]
-STUDENTS.update({"granq pool": ["granq_impl=auto", *POOL], "synq pool": ["recipe=synq", *POOL]})
+STUDENTS.update({"granq pool": ["quant_impl=auto", *POOL], "synq pool": ["recipe=synq", *POOL]})
 
 
 def student_path(student: str) -> str | None:
-    """The granq_path of a student's quantizers (None for the float student, which has none)."""
+    """The quant_path of a student's quantizers (None for the float student, which has none)."""
     if student == "float":
         return None
-    return granq_path("eager" if student == "granq eager" else "auto")
+    return quant_path("eager" if student == "granq eager" else "auto")
 
 
 def untimed_iterations(student: str, warmup: int) -> int:
@@ -162,8 +162,8 @@ def memory_worker(setting: str, student: str, device: torch.device, memory_forma
     else:
         peak, kind = _status_mib("VmHWM"), "cpu peak resident set size"
     if peak is None or built is None:
-        return {"kind": "unavailable", "granq_path": student_path(student)}
-    return {"kind": kind, "peak_mib": peak, "above_built_mib": peak - built, "granq_path": student_path(student)}
+        return {"kind": "unavailable", "quant_path": student_path(student)}
+    return {"kind": kind, "peak_mib": peak, "above_built_mib": peak - built, "quant_path": student_path(student)}
 
 
 def peak_memory(setting: str, student: str, args) -> dict:
@@ -199,7 +199,7 @@ def run_setting(setting: str, device: torch.device, args, run_dir: str) -> dict:
     del trainers, trainer  # free their memory before the memory workers run
     memory = {name: peak_memory(setting, name, args) for name in args.students} if args.memory else {}
     return {"setting": setting, "batch": batch, "device": device.type, "iterations": iterations,
-            "memory_format": args.memory_format, "granq_path": path, "students": list(args.students),
+            "memory_format": args.memory_format, "quant_path": path, "students": list(args.students),
             "seconds": seconds, "samples": samples, "memory": memory}
 
 
@@ -221,7 +221,7 @@ def profile_step(setting: str, student: str, device: torch.device, run_dir: str,
 
 def print_table(results: list[dict]) -> None:
     names = results[0]["students"]
-    eager = [r for r in results if "granq" in names and r["granq_path"] != "compiled"]
+    eager = [r for r in results if "granq" in names and r["quant_path"] != "compiled"]
     labels = [f"{n}(eager)" if n == "granq" and eager else n for n in names]  # "granq" is the compiled path
     others = [n for n in names if n != "float"]
     width = max(12, *map(len, labels))
@@ -240,11 +240,11 @@ def print_table(results: list[dict]) -> None:
             print(f"{'':14} {'':5} {'+built':6} " + above
                   + "   MiB above the models built")
     if "granq" in names:
-        print("\ngranq_path: " + "; ".join(f"{r['setting']}: {r['granq_path']}" for r in results))
+        print("\nquant_path: " + "; ".join(f"{r['setting']}: {r['quant_path']}" for r in results))
         print("\ntargets (one run):")
         for r in results:
             ratio = r["seconds"]["granq"] / r["seconds"]["float"]
-            label = "granq" if r["granq_path"] == "compiled" else "granq(eager)"
+            label = "granq" if r["quant_path"] == "compiled" else "granq(eager)"
             print(f"  {r['setting']} batch {r['batch']} {r['device']}: {label} / float student {ratio:.2f}x "
                   f"(target <= 1.3: {'met' if ratio <= 1.3 else 'NOT met'})")
 

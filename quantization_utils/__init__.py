@@ -12,12 +12,12 @@ from .functional import (
     quant_params,
     weight_fake_quant,
 )
-from .fused import GRANQ_IMPLS, CompiledGranQ, granq_function, granq_path, weight_function
-from .modules import ACT_MODES, QuantAct, QuantConv2d, QuantLinear, WeightQuant
+from .fused import QUANT_IMPLS, CompiledGranQ, granq_function, quant_path, weight_function
+from .modules import ActQuant, QuantAct, QuantConv2d, QuantLinear, WeightQuant
 from .quantize import (
     ACT_TYPES,
     DEFAULT_ACT_TYPES,
-    STUDENT_KEYS,
+    StudentSpec,
     activation_classes,
     count_modules,
     has_tracked_ranges,
@@ -27,23 +27,26 @@ from .quantize import (
     shared_act_quantizers,
     unquantized_inputs,
 )
+from .registry import Registry, UnknownNameError
 
 __all__ = [
-    "ACT_MODES",
     "ACT_QUANTIZERS",
     "ACT_TYPES",
+    "ActQuant",
     "ActQuantizer",
     "CompiledGranQ",
     "DEFAULT_ACT_TYPES",
-    "GRANQ_IMPLS",
+    "QUANT_IMPLS",
     "QuantAct",
     "QuantConv2d",
     "QuantLinear",
-    "STUDENT_KEYS",
+    "Registry",
     "StraightThrough",
-    "activation_classes",
+    "StudentSpec",
+    "UnknownNameError",
     "WeightQuant",
     "act_quantizer_names",
+    "activation_classes",
     "channel_fake_quant",
     "channel_loop_fake_quant",
     "check_bits",
@@ -51,10 +54,10 @@ __all__ = [
     "fake_quantize",
     "granq_fake_quant",
     "granq_function",
-    "granq_path",
     "has_tracked_ranges",
     "layerwise_fake_quant",
     "quant_params",
+    "quant_path",
     "quantize_model",
     "rebuild_student",
     "register_act_quantizer",

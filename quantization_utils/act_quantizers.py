@@ -4,9 +4,10 @@ A quantizer is registered with one decorated function or class whose docstring s
 
 - a function ``f(x, bits) -> y`` for a quantizer without state (its ranges come from ``x`` itself);
 - a subclass of :class:`ActQuantizer` for one with settings or state. The QuantAct ``act`` holds them
-  (``act.bits``, ``act.momentum``, ``act.tracking``, ``act.granq_fn``) and calls ``quantizer(act, x)``;
-  ``init_state(act)`` registers the buffers the quantizer keeps on ``act``, so that a student's
-  state_dict names them after the QuantAct.
+  (``act.quant``, its :class:`~.modules.ActQuant`: ``bits``, ``momentum``, ...; ``act.tracking``) and calls
+  ``quantizer(act, x)``; ``init_state(act)`` registers the buffers the quantizer keeps on ``act``, so that a
+  student's state_dict names them after the QuantAct. :meth:`ActQuantizer.from_spec` makes the instance of a
+  QuantAct from its ``ActQuant``: a quantizer with several implementations picks and holds its own there.
 
     >>> @register_act_quantizer("sign_example")
     ... def sign_example(x, bits):
@@ -31,20 +32,23 @@ import inspect
 import torch
 import torch.distributed as dist
 
-from .functional import channel_fake_quant, channel_range, layerwise_fake_quant
+from .functional import channel_fake_quant, channel_range, granq_fake_quant, layerwise_fake_quant
+from .fused import granq_function
+from .registry import Registry
 
 __all__ = ["ACT_QUANTIZERS", "ActQuantizer", "ChannelRange", "GranQ", "LayerwiseRange", "TrackedRange",
            "act_quantizer_names", "all_reduce_range", "make_act_quantizer", "register_act_quantizer"]
 
-# name -> the registered function or ActQuantizer subclass, in order of registration
-ACT_QUANTIZERS: dict[str, object] = {}
-
-
 class ActQuantizer:
-    """Base of the registered quantizer classes. An instance belongs to one QuantAct but keeps nothing:
-    settings and state live on the QuantAct, which passes itself to every call."""
+    """Base of the registered quantizer classes. An instance belongs to one QuantAct and holds at most the
+    function that computes it: settings and state live on the QuantAct, which passes itself to every call."""
 
     tracks_ranges = False  # True: ranges tracked while act.tracking, which must be calibrated before use
+
+    @classmethod
+    def from_spec(cls, quant) -> "ActQuantizer":
+        """The instance for a QuantAct of :class:`~.modules.ActQuant` ``quant``."""
+        return cls()
 
     def init_state(self, act) -> None:
         """Register the quantizer's buffers on ``act``."""
@@ -60,6 +64,10 @@ class ActQuantizer:
         return ""
 
 
+# name -> the registered function or ActQuantizer subclass, in order of registration
+ACT_QUANTIZERS = Registry("activation quantizer", ActQuantizer, "its formula")
+
+
 class _FunctionQuantizer(ActQuantizer):
     """A registered function ``f(x, bits)``: no state."""
 
@@ -67,39 +75,25 @@ class _FunctionQuantizer(ActQuantizer):
         self.fn = fn
 
     def __call__(self, act, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x, act.bits)
+        return self.fn(x, act.quant.bits)
 
 
 def register_act_quantizer(name: str):
     """Decorator registering an activation quantizer (a function ``f(x, bits)`` or an :class:`ActQuantizer`
     subclass) under ``name``; its docstring must state the formula."""
-
-    def register(entry):
-        if name in ACT_QUANTIZERS:
-            raise ValueError(f"an activation quantizer named {name!r} is already registered")
-        if inspect.isclass(entry) and not issubclass(entry, ActQuantizer):
-            raise TypeError(f"activation quantizer {name!r}: a class must subclass ActQuantizer")
-        if not inspect.isclass(entry) and not callable(entry):
-            raise TypeError(f"activation quantizer {name!r}: expected a function or an ActQuantizer subclass")
-        if not (entry.__doc__ or "").strip():
-            raise TypeError(f"activation quantizer {name!r} needs a docstring that states its formula")
-        ACT_QUANTIZERS[name] = entry
-        return entry
-
-    return register
+    return ACT_QUANTIZERS.register(name)
 
 
 def act_quantizer_names() -> tuple[str, ...]:
     """The registered ``act_mode`` names, in order of registration."""
-    return tuple(ACT_QUANTIZERS)
+    return ACT_QUANTIZERS.names()
 
 
-def make_act_quantizer(name: str) -> ActQuantizer:
-    """A new instance of the quantizer registered as ``name``; ValueError listing the names if there is none."""
-    entry = ACT_QUANTIZERS.get(name)
-    if entry is None:
-        raise ValueError(f"act_mode must be one of {', '.join(ACT_QUANTIZERS)}; got {name!r}")
-    return entry() if inspect.isclass(entry) else _FunctionQuantizer(entry)
+def make_act_quantizer(quant) -> ActQuantizer:
+    """A new instance of the quantizer registered as ``quant.mode`` for the :class:`~.modules.ActQuant`
+    ``quant``; :class:`~.registry.UnknownNameError` listing the names if there is none."""
+    entry = ACT_QUANTIZERS[quant.mode]
+    return entry.from_spec(quant) if inspect.isclass(entry) else _FunctionQuantizer(entry)
 
 
 def all_reduce_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,20 +115,28 @@ class GranQ(ActQuantizer):
 
     For x[n, c] over H x W (a row of [N, F]): lo, hi = min, max; s = (2**b - 1) / (hi - lo);
     z = round(s * lo) + 2**(b-1); y = (round(s * x - z) + z) / s. Gradient: straight-through.
-    Computed by ``act.granq_fn``, the implementation that ``granq_impl`` picks; all give the same values.
+    Computed by ``fn``, the implementation that ``ActQuant.impl`` names (:func:`~.fused.granq_function`);
+    all give the same values.
     """
 
+    def __init__(self, fn=granq_fake_quant):
+        self.fn = fn
+
+    @classmethod
+    def from_spec(cls, quant) -> "GranQ":
+        return cls(granq_function(quant.impl))
+
     def __call__(self, act, x: torch.Tensor) -> torch.Tensor:
-        return act.granq_fn(x, act.bits)
+        return self.fn(x, act.quant.bits)
 
     def extra_repr(self, act) -> str:
-        return f", granq_impl={act.granq_impl}"
+        return f", quant_impl={act.quant.impl}"
 
 
 class TrackedRange(ActQuantizer):
     """Ranges that are a bias-corrected exponential moving average of the batch ranges.
 
-    While ``act.tracking``, every forward first updates, with m = ``act.momentum`` and the batch range
+    While ``act.tracking``, every forward first updates, with m = ``act.quant.momentum`` and the batch range
     (lo, hi) (reduced over the processes under torch.distributed):
     running_min = m * running_min + (1 - m) * lo (likewise running_max with hi), momentum_power *= m,
     x_min = running_min / (1 - momentum_power), x_max = running_max / (1 - momentum_power).
@@ -161,7 +163,7 @@ class TrackedRange(ActQuantizer):
     @torch.no_grad()
     def track(self, act, x: torch.Tensor) -> None:
         lo, hi = all_reduce_range(*self.batch_range(x.detach()))
-        m = act.momentum
+        m = act.quant.momentum
         act.running_min.mul_(m).add_(lo.to(act.running_min.dtype), alpha=1 - m)
         act.running_max.mul_(m).add_(hi.to(act.running_max.dtype), alpha=1 - m)
         act.momentum_power.mul_(m)
@@ -172,7 +174,7 @@ class TrackedRange(ActQuantizer):
     def __call__(self, act, x: torch.Tensor) -> torch.Tensor:
         if act.tracking:
             self.track(act, x)
-        return self.values(x, act.bits, act.x_min, act.x_max)
+        return self.values(x, act.quant.bits, act.x_min, act.x_max)
 
 
 @register_act_quantizer("layerwise")

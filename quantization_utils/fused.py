@@ -7,14 +7,14 @@ gradient is straight-through in both, so the backward pass costs nothing either 
 serves the weights (one range per (out, in) kernel or per output channel), which are fake-quantized on
 every forward.
 
-:func:`granq_function` and :func:`weight_function` pick the implementation named by the ``granq_impl``
-config key:
+:func:`granq_function` and :func:`weight_function` pick the implementation that ``impl`` names (the
+``quant_impl`` config key):
 
 - ``"eager"``: :func:`~.functional.granq_fake_quant` and :func:`~.functional.weight_fake_quant`.
 - ``"compiled"``: the compiled function; raises if torch.compile fails or its values differ from eager.
 - ``"auto"``: the compiled function where it works, else eager, with one warning that says why.
 
-:func:`granq_path` says which of the two a run used.
+:func:`quant_path` says which of the two a run used.
 
 The function is compiled once per process on the tensor viewed as rows in memory order ([N * C, H * W],
 or [N, H * W, C] for channels_last), with every size dynamic: batch sizes, channel counts and
@@ -56,19 +56,20 @@ from .functional import (
 
 __all__ = [
     "EAGER_NUMERICS",
-    "GRANQ_IMPLS",
+    "QUANT_IMPLS",
     "CompiledGranQ",
+    "check_impl",
     "compile_values",
     "eager_numerics_options",
     "granq_function",
-    "granq_path",
     "grouped_call",
     "missing_eager_numerics",
+    "quant_path",
     "tie_tensor",
     "weight_function",
 ]
 
-GRANQ_IMPLS = ("auto", "compiled", "eager")
+QUANT_IMPLS = ("auto", "compiled", "eager")
 # Inductor options (torch._inductor.config names) that make its Triton code compute as eager does:
 # correctly rounded fp32 division (div_rn), and no fusion of a multiply and an add into one rounding.
 EAGER_NUMERICS = ("eager_numerics.division_rounding", "emulate_precision_casts")
@@ -155,7 +156,7 @@ class CompiledGranQ:
     """Per-row fake quantizers from the compiled :func:`~.functional.grouped_values`, straight-through.
 
     Call it as ``(x, bits)`` for a GranQ activation; :meth:`weight` quantizes a weight. ``strict=True``
-    (``granq_impl = "compiled"``) raises where compilation fails or gives other values than eager;
+    (``impl = "compiled"``) raises where compilation fails or gives other values than eager;
     ``strict=False`` (``"auto"``) logs a warning and uses eager from then on. ``compiler`` maps the pure
     function to its compiled version (default :func:`compile_values`; tests pass a failing one).
     """
@@ -241,11 +242,11 @@ class CompiledGranQ:
 
     def _fall_back(self, x, bits, eager, reason: str, error: Exception | None = None) -> torch.Tensor:
         if self.strict:
-            raise RuntimeError(f"granq_impl = compiled, but the compiled GranQ quantizer failed ({reason}); "
-                               f"set granq_impl = auto to fall back to eager, or eager to skip compiling") from error
+            raise RuntimeError(f"quant_impl = compiled, but the compiled GranQ quantizer failed ({reason}); "
+                               f"set quant_impl = auto to fall back to eager, or eager to skip compiling") from error
         self.failure = reason
         logger.warning("the compiled GranQ quantizer failed (%s); using the eager one, which gives the same "
-                       "values more slowly. Set granq_impl = eager to skip the attempt", reason)
+                       "values more slowly. Set quant_impl = eager to skip the attempt", reason)
         return eager(x, bits)
 
     def __reduce__(self):
@@ -260,19 +261,20 @@ class CompiledGranQ:
 _SHARED: dict[str, CompiledGranQ] = {}
 
 
-def _check_impl(impl: str) -> str:
-    if impl not in GRANQ_IMPLS:
-        raise ValueError(f"granq_impl must be one of {GRANQ_IMPLS}, got {impl!r}")
+def check_impl(impl: str) -> str:
+    """``impl`` if it names an implementation (:data:`QUANT_IMPLS`), else ValueError."""
+    if impl not in QUANT_IMPLS:
+        raise ValueError(f"quant_impl must be one of {QUANT_IMPLS}, got {impl!r}")
     return impl
 
 
 def granq_function(impl: str = "auto"):
-    """The GranQ activation quantizer ``(x, bits) -> y`` for ``granq_impl = impl``; one shared instance per impl.
+    """The GranQ activation quantizer ``(x, bits) -> y`` of implementation ``impl``; one shared instance per impl.
 
     >>> granq_function("eager") is granq_fake_quant
     True
     """
-    if _check_impl(impl) == "eager":
+    if check_impl(impl) == "eager":
         return granq_fake_quant
     if impl not in _SHARED:
         _SHARED[impl] = CompiledGranQ(strict=impl == "compiled")
@@ -280,27 +282,27 @@ def granq_function(impl: str = "auto"):
 
 
 def weight_function(impl: str = "auto"):
-    """The weight quantizer ``(w, bits, granularity) -> y`` for ``granq_impl = impl``.
+    """The weight quantizer ``(w, bits, granularity) -> y`` of implementation ``impl``.
 
     >>> weight_function("eager") is weight_fake_quant
     True
     """
-    if _check_impl(impl) == "eager":
+    if check_impl(impl) == "eager":
         return weight_fake_quant
     return granq_function(impl).weight
 
 
-def granq_path(impl: str = "auto") -> str:
-    """Which implementation the quantizers of ``granq_impl = impl`` used in this process, and why not the other.
+def quant_path(impl: str = "auto") -> str:
+    """Which implementation the quantizers of implementation ``impl`` used in this process, and why not the other.
 
     ``"compiled"`` once a call of the compiled path was verified against eager and none failed, else
     ``"eager: <reason>"``.
 
-    >>> granq_path("eager")
-    'eager: granq_impl = eager'
+    >>> quant_path("eager")
+    'eager: quant_impl = eager'
     """
-    if _check_impl(impl) == "eager":
-        return "eager: granq_impl = eager"
+    if check_impl(impl) == "eager":
+        return "eager: quant_impl = eager"
     if impl not in _SHARED:
         return "eager: no call has used the compiled path yet"
     return _SHARED[impl].path

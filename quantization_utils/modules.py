@@ -8,21 +8,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .act_quantizers import act_quantizer_names, make_act_quantizer
+from .act_quantizers import ACT_QUANTIZERS, make_act_quantizer
 from .functional import WEIGHT_GRANULARITIES, check_bits
-from .fused import granq_function, weight_function
+from .fused import check_impl, weight_function
 
-__all__ = ["ACT_MODES", "QuantAct", "QuantConv2d", "QuantLinear", "WeightQuant"]
-
-# The built-in activation quantizers; act_quantizer_names() also lists those registered later.
-ACT_MODES = act_quantizer_names()
+__all__ = ["ActQuant", "QuantAct", "QuantConv2d", "QuantLinear", "WeightQuant"]
 
 
 @dataclass(frozen=True)
 class WeightQuant:
     """How a layer's weight is fake-quantized: ``bits``, ``granularity`` (one range per (out, in) kernel
-    or per output channel) and ``impl``, the ``granq_impl`` that picks the implementation
-    (:func:`.fused.weight_function`); every implementation gives the same values.
+    or per output channel) and ``impl``, the implementation (:func:`.fused.weight_function`: ``auto``,
+    ``compiled`` or ``eager``); every implementation gives the same values.
 
     >>> WeightQuant(4, "channel")
     WeightQuant(bits=4, granularity='channel', impl='auto')
@@ -36,6 +33,31 @@ class WeightQuant:
         check_bits(self.bits)
         if self.granularity not in WEIGHT_GRANULARITIES:
             raise ValueError(f"weight_granularity must be one of {WEIGHT_GRANULARITIES}, got {self.granularity!r}")
+        check_impl(self.impl)
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """How an activation is fake-quantized: ``bits``, ``mode`` (the quantizer registered under that name in
+    :data:`.act_quantizers.ACT_QUANTIZERS`), ``momentum`` of the moving average of quantizers that track
+    ranges, and ``impl``, the implementation of those that have several (:func:`.fused.granq_function`);
+    every implementation gives the same values.
+
+    >>> ActQuant(4, "layerwise")
+    ActQuant(bits=4, mode='layerwise', momentum=0.9, impl='auto')
+    """
+
+    bits: int
+    mode: str = "granq"
+    momentum: float = 0.9
+    impl: str = "auto"
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        ACT_QUANTIZERS[self.mode]  # an unknown name raises, listing the registered ones
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        check_impl(self.impl)
 
 
 class _QuantWeightLayer:
@@ -57,10 +79,6 @@ class _QuantWeightLayer:
     def weight_granularity(self) -> str:
         return self.quant.granularity
 
-    @property
-    def granq_impl(self) -> str:
-        return self.quant.impl
-
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_fn(self.weight, self.quant.bits, self.quant.granularity)
 
@@ -74,7 +92,7 @@ class _QuantWeightLayer:
 
     def extra_repr(self) -> str:
         q = self.quant
-        return f"{super().extra_repr()}, weight_bits={q.bits}, weight_granularity={q.granularity}, granq_impl={q.impl}"
+        return f"{super().extra_repr()}, weight_bits={q.bits}, weight_granularity={q.granularity}, quant_impl={q.impl}"
 
 
 class QuantConv2d(_QuantWeightLayer, nn.Conv2d):
@@ -102,26 +120,22 @@ class QuantLinear(_QuantWeightLayer, nn.Linear):
 
 
 class QuantAct(nn.Module):
-    """Activation fake-quantizer: holds the settings and state, and calls the quantizer registered as ``mode``.
+    """Activation fake-quantizer: holds the settings (``quant``, an :class:`ActQuant`) and the state, and calls
+    the quantizer registered as ``quant.mode``.
 
-    ``mode`` names an entry of :data:`.act_quantizers.ACT_QUANTIZERS`: ``"granq"`` (one range per
+    ``quant.mode`` names an entry of :data:`.act_quantizers.ACT_QUANTIZERS`: ``"granq"`` (one range per
     (sample, channel), from the activation itself), ``"layerwise"`` (one tracked range per layer) or
     ``"channel"`` (one tracked range per channel), or any quantizer registered with
     :func:`.act_quantizers.register_act_quantizer`. Tracked ranges (``tracks_ranges``) are a bias-corrected
-    exponential moving average (``momentum``) of the batch ranges, updated while tracking (``unfix()``) and
+    exponential moving average (``quant.momentum``) of the batch ranges, updated while tracking (``unfix()``) and
     frozen by ``fix()``; until the first tracked batch they are empty, so they must be calibrated before use.
-    ``granq_impl`` picks the GranQ implementation (:func:`.fused.granq_function`): all give the same values.
     """
 
-    def __init__(self, bits: int, mode: str = "granq", momentum: float = 0.9, granq_impl: str = "auto"):
+    def __init__(self, quant: ActQuant):
         super().__init__()
-        self.quantizer = make_act_quantizer(mode)
-        self.bits = check_bits(bits)
-        self.mode = mode
-        self.momentum = momentum
+        self.quant = quant
+        self.quantizer = make_act_quantizer(quant)
         self.tracking = True
-        self.granq_impl = granq_impl
-        self.granq_fn = granq_function(granq_impl)
         self.quantizer.init_state(self)
 
     @property
@@ -145,4 +159,4 @@ class QuantAct(nn.Module):
         return self.quantizer(self, x)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, mode={self.mode}{self.quantizer.extra_repr(self)}"
+        return f"bits={self.quant.bits}, mode={self.quant.mode}{self.quantizer.extra_repr(self)}"

@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib
 import typing
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from .fused import weight_function
-from .modules import QuantAct, QuantConv2d, QuantLinear, WeightQuant
+from .modules import ActQuant, QuantAct, QuantConv2d, QuantLinear, WeightQuant
 
-__all__ = ["ACTIVATIONS", "ACT_TYPES", "DEFAULT_ACT_TYPES", "STUDENT_KEYS", "activation_classes", "count_modules",
+__all__ = ["ACTIVATIONS", "ACT_TYPES", "DEFAULT_ACT_TYPES", "StudentSpec", "activation_classes", "count_modules",
            "has_tracked_ranges", "quantize_model", "rebuild_student", "set_act_tracking", "shared_act_quantizers",
            "unquantized_inputs"]
 
@@ -41,13 +43,15 @@ def _pytorchcv_equivalent(name: str) -> list[type]:
 
 def activation_classes(act_types: typing.Iterable[str | type]) -> tuple[type, ...]:
     """The module classes of ``act_types``: names from :data:`ACT_TYPES` (``hardswish`` and ``silu`` also
-    take pytorchcv's HSwish and Swish) or ``nn.Module`` subclasses.
+    take pytorchcv's HSwish and Swish), ``nn.Module`` subclasses or their ``"MODULE:CLASS"`` names.
 
-    >>> activation_classes(["relu6", nn.GELU])
-    (<class 'torch.nn.modules.activation.ReLU6'>, <class 'torch.nn.modules.activation.GELU'>)
+    >>> [kind.__name__ for kind in activation_classes(["relu6", nn.GELU, "torch.nn:SiLU"])]
+    ['ReLU6', 'GELU', 'SiLU']
     """
     classes = []
     for kind in act_types:
+        if isinstance(kind, str) and ":" in kind:
+            kind = _import_class(kind)
         if isinstance(kind, type) and issubclass(kind, nn.Module):
             classes.append(kind)
         elif kind in ACT_TYPES:
@@ -56,6 +60,18 @@ def activation_classes(act_types: typing.Iterable[str | type]) -> tuple[type, ..
             raise ValueError(f"unknown activation type {kind!r}; choose from {', '.join(ACT_TYPES)} "
                              f"or give an nn.Module class")
     return tuple(classes)
+
+
+def _import_class(name: str) -> type | str:
+    """The class named ``"MODULE:CLASS"`` (a dotted path within the module); the name itself if there is none."""
+    module_name, _, path = name.partition(":")
+    try:
+        found = importlib.import_module(module_name)
+        for part in path.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError):
+        return name
+    return found
 
 
 def _quantize_children(module: nn.Module, weight_quant: WeightQuant, make_act, activations: tuple) -> None:
@@ -73,53 +89,105 @@ def _quantize_children(module: nn.Module, weight_quant: WeightQuant, make_act, a
         setattr(module, name, replacement)
 
 
-def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, act_mode: str = "granq",
-                   weight_granularity: str = "kernel", granq_impl: str = "auto",
-                   act_types: typing.Iterable[str | type] = DEFAULT_ACT_TYPES) -> nn.Module:
-    """Return a fake-quantized copy of ``model``; ``model`` itself is not modified.
+@dataclass(frozen=True)
+class StudentSpec:
+    """What makes a student of a float model: how its weights (``weight``) and its activations (``act``) are
+    fake-quantized, and the activation modules that a QuantAct follows (``act_types``: names of
+    :data:`ACT_TYPES`, ``nn.Module`` classes or ``"MODULE:CLASS"``). One implementation serves the weights and
+    the activations (:attr:`impl`). Checked when built.
+
+    Its dict (:meth:`to_dict`, read back by :meth:`from_dict`) is what records a student: the run's summary,
+    the metadata of an exported file.
+
+    >>> spec = StudentSpec.of(4, 3, mode="layerwise", impl="eager")
+    >>> spec.to_dict()["qa"], spec.to_dict()["act_mode"], spec.to_dict()["quant_impl"]
+    (3, 'layerwise', 'eager')
+    >>> StudentSpec.from_dict(spec.to_dict()) == spec
+    True
+    """
+
+    weight: WeightQuant
+    act: ActQuant
+    act_types: tuple = DEFAULT_ACT_TYPES
+
+    def __post_init__(self):
+        object.__setattr__(self, "act_types", tuple(self.act_types))
+        if not self.act_types:
+            raise ValueError(f"act_types names no activation; choose from {', '.join(ACT_TYPES)}")
+        activation_classes(self.act_types)  # an unknown name raises here
+        if self.weight.impl != self.act.impl:
+            raise ValueError(f"one implementation serves weights and activations; got {self.weight.impl!r} for the "
+                             f"weights and {self.act.impl!r} for the activations")
+
+    @property
+    def impl(self) -> str:
+        """The implementation of the quantizers: ``auto``, ``compiled`` or ``eager`` (:mod:`.fused`)."""
+        return self.act.impl
+
+    @classmethod
+    def of(cls, weight_bits: int, act_bits: int, *, mode: str = "granq", granularity: str = "kernel",
+           momentum: float = 0.9, impl: str = "auto",
+           act_types: typing.Iterable[str | type] = DEFAULT_ACT_TYPES) -> "StudentSpec":
+        """The spec of one implementation ``impl`` for ``WeightQuant(weight_bits, granularity)`` and
+        ``ActQuant(act_bits, mode, momentum)``."""
+        return cls(WeightQuant(weight_bits, granularity, impl), ActQuant(act_bits, mode, momentum, impl),
+                   tuple(act_types))
+
+    def to_dict(self) -> dict:
+        """The spec as a plain dict, under the keys of the run options that set it; classes of ``act_types``
+        become ``"MODULE:CLASS"``."""
+        return {"qw": self.weight.bits, "qa": self.act.bits, "act_mode": self.act.mode,
+                "weight_granularity": self.weight.granularity, "act_momentum": self.act.momentum,
+                "quant_impl": self.impl, "act_types": [_type_name(kind) for kind in self.act_types]}
+
+    @classmethod
+    def from_dict(cls, values: typing.Mapping) -> "StudentSpec":
+        """The spec of ``values``: the output of :meth:`to_dict` or a run's options, whose other keys are left
+        alone. ``qw``, ``qa``, ``act_mode`` and ``weight_granularity`` are needed; the others have defaults
+        (``act_types``: ReLU and ReLU6, as the official code). ValueError for what is missing or wrong."""
+        missing = [key for key in ("qw", "qa", "act_mode", "weight_granularity") if key not in values]
+        if missing:
+            raise ValueError(f"the settings lack {', '.join(missing)}: a student needs qw, qa, act_mode and "
+                             f"weight_granularity")
+        # granq_impl: the former name of quant_impl, which runs and exported files saved under it still hold
+        impl = values.get("quant_impl", values.get("granq_impl", "auto"))
+        return cls.of(values["qw"], values["qa"], mode=values["act_mode"], granularity=values["weight_granularity"],
+                      momentum=values.get("act_momentum", 0.9), impl=impl,
+                      act_types=values.get("act_types", DEFAULT_ACT_TYPES))
+
+
+def _type_name(kind: str | type) -> str:
+    return kind if isinstance(kind, str) else f"{kind.__module__}:{kind.__qualname__}"
+
+
+def quantize_model(model: nn.Module, spec: StudentSpec) -> nn.Module:
+    """Return the fake-quantized copy of ``model`` that ``spec`` describes; ``model`` itself is not modified.
 
     Every Conv2d and Linear (not their subclasses, which keep their own forward and float weights) becomes a
-    QuantConv2d / QuantLinear with ``weight_bits``; every activation module
-    of ``act_types`` (names of :data:`ACT_TYPES` or classes; ReLU and ReLU6 by default) is followed by a
-    QuantAct with ``act_bits`` and ``act_mode``. BatchNorm stays in float and the input image is not
-    quantized. ``granq_impl`` picks the implementation of the activation and weight quantizers: ``auto``
-    (compiled where torch.compile works, else eager), ``compiled`` or ``eager``; all give the same values.
+    QuantConv2d / QuantLinear of ``spec.weight``; every activation module of ``spec.act_types`` is followed by a
+    QuantAct of ``spec.act``. BatchNorm stays in float and the input image is not quantized.
     """
-    activations = activation_classes(act_types)
-    weight_quant = WeightQuant(weight_bits, weight_granularity, granq_impl)
-    make_act = functools.partial(QuantAct, act_bits, act_mode, granq_impl=granq_impl)
-    make_act()  # bad activation settings fail here, whether or not the model has activations
+    activations = activation_classes(spec.act_types)
     if isinstance(model, (nn.Conv2d, nn.Linear) + activations):
         raise TypeError("quantize_model expects a network that contains layers, not a single layer")
     quantized = copy.deepcopy(model)
-    _quantize_children(quantized, weight_quant, make_act, activations)
+    _quantize_children(quantized, spec.weight, functools.partial(QuantAct, spec.act), activations)
     return quantized
 
 
-# The options that define a student's architecture and quantizers; every other option only affects
-# how it was trained or evaluated.
-STUDENT_KEYS = ("qw", "qa", "act_mode", "weight_granularity")
+def rebuild_student(float_model: nn.Module, spec: StudentSpec, state_dict: dict) -> nn.Module:
+    """The quantized student of ``spec`` that ``state_dict`` was saved from, in eval mode, on the device of its
+    tensors.
 
-
-def rebuild_student(float_model: nn.Module, options: dict, state_dict: dict) -> nn.Module:
-    """The quantized student that ``state_dict`` was saved from, in eval mode, on the device of its tensors.
-
-    ``float_model`` has the student's float architecture (its weights are replaced); ``options`` are the
-    run's options as a dict, of which ``qw``, ``qa``, ``act_mode``, ``weight_granularity`` and, where
-    present, ``granq_impl`` and ``act_types`` (ReLU and ReLU6 where absent, as before it existed) are used.
-    Tracked activation ranges (layer-wise, channel-wise) come from ``state_dict`` and are frozen, as the trainer
-    freezes them for evaluation. Raises ValueError when something does not fit.
+    ``float_model`` has the student's float architecture (its weights are replaced). Tracked activation ranges
+    (layer-wise, channel-wise) come from ``state_dict`` and are frozen, as the trainer freezes them for
+    evaluation. Raises ValueError when the state dict does not fit.
     """
-    missing = [key for key in STUDENT_KEYS if key not in options]
-    if missing:
-        raise ValueError(f"the saved options lack {', '.join(missing)}; cannot rebuild the student")
-    act_types = options.get("act_types", DEFAULT_ACT_TYPES)
-    student = quantize_model(float_model, options["qw"], options["qa"], options["act_mode"],
-                             options["weight_granularity"], options.get("granq_impl", "auto"), act_types)
+    student = quantize_model(float_model, spec)
     try:
         student.load_state_dict(state_dict)
     except RuntimeError as error:
-        settings = ", ".join([f"{key}={options[key]}" for key in STUDENT_KEYS] + [f"act_types={list(act_types)}"])
+        settings = ", ".join(f"{key}={value}" for key, value in spec.to_dict().items())
         raise ValueError(f"the saved student does not fit the float model quantized with {settings}: "
                          f"{error}") from None
     set_act_tracking(student, False)

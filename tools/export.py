@@ -2,7 +2,7 @@
 
     python tools/export.py RUN_DIR|STUDENT_FILE [--output DIR] [--which best|last] [--format packed onnx]
 
-See utils/runs/export.py and docs/export.md.
+See utils/runs/export_cli.py and docs/export.md.
 """
 
 import os
@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.runs.export import main  # noqa: E402
+from utils.runs.export_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -37,7 +37,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.sweeps.reproduce import main  # noqa: E402
+from utils.sweeps.reproduce_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
     python tools/synthesize.py --conf_path CIFAR/cifar10_resnet20a.hocon --set recipe=synq [--set key=value ...]
 
-See utils/runs/synthesize.py and docs/methods.md.
+See utils/runs/synthesize_cli.py and docs/methods.md.
 """
 
 import os
@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.runs.synthesize import main  # noqa: E402
+from utils.runs.synthesize_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

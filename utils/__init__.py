@@ -8,6 +8,10 @@ no modules import each other in a circle); ``quantization_utils`` imports nothin
 3. ``data``: the test sets, the evaluation cache, loader workers;
 4. ``training``: the trainer, the generator, losses, optimizers, progress, metrics, checkpoints;
 5. ``reports``: results tables, plots, published numbers, activation ranges;
-6. ``runs``: the config, the command line of ``main.py``, evaluating saved students;
-7. ``sweeps``: plans of many runs, their cells, the local and the SLURM launcher.
+6. ``export``: the packed integer weights, the ONNX student, running them;
+7. ``runs``: the config, saved runs' options with overrides, evaluating saved students;
+8. ``sweeps``: plans of many runs, their cells, the local and the SLURM launcher.
+
+Every command line is a module here: ``main.py``'s is ``runs/run.py``, and each ``tools/NAME.py``'s a
+``NAME_cli.py`` in the lowest sub-package that has what it needs.
 """

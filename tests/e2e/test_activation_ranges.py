@@ -1,5 +1,4 @@
 import csv
-import importlib.util
 import os
 
 import pytest
@@ -11,15 +10,13 @@ from utils.reports.activation_ranges import activation_stats, measure_activation
 from utils.runs.config import load_options
 from utils.training.generator import build_generator
 
-from ..conftest import CIFAR10_CONF, CIFAR10A_CONF, ROOT
+from ..conftest import CIFAR10_CONF, CIFAR10A_CONF
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("activation_ranges_tool",
-                                                  os.path.join(ROOT, "tools", "activation_ranges.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from utils.runs import activation_ranges_cli
+
+    return activation_ranges_cli
 
 
 def test_hand_computed_ranges_and_errors():

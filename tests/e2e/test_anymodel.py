@@ -16,7 +16,7 @@ CIFAR100_CONF = os.path.join(ROOT, "CIFAR", "cifar100_resnet20.hocon")
 # Small members of different families, so that each run takes seconds on a CPU.
 PYTORCHCV_CIFAR = ["resnet20_cifar100", "preresnet20_cifar10", "seresnet20_cifar10", "densenet40_k12_cifar10",
                    "resnext20_16x4d_cifar10", "diaresnet20_cifar10", "shakeshakeresnet20_2x16d_cifar10"]
-FAST = ["granq_impl=eager", "batchSize=2", "test_batch_size=10"]
+FAST = ["quant_impl=eager", "batchSize=2", "test_batch_size=10"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def user_weights(tmp_path):
 def test_user_model_trains_and_its_student_is_evaluated_again(tmp_path, cifar_folder, user_weights):
     network = "tests.e2e.user_models:tiny_net"
     code, lines = run_main(tiny_run_args(tmp_path, cifar_folder, "--set", f"network={network}", "--set",
-                                         f"teacher_weights={user_weights('tiny_net')}", "--set", "granq_impl=eager"))
+                                         f"teacher_weights={user_weights('tiny_net')}", "--set", "quant_impl=eager"))
     summary = check_run(code, lines, network, "cifar10")
     assert summary["teacher_weights"] == user_weights("tiny_net")
     assert float_input_line(summary["run_dir"]).rstrip().endswith(
@@ -102,7 +102,7 @@ def test_user_model_trains_and_its_student_is_evaluated_again(tmp_path, cifar_fo
 def test_act_types_quantize_after_hardswish(act_types, quant_acts, float_inputs, tmp_path, cifar_folder,
                                             user_weights):
     network = "tests.e2e.user_models:tiny_hardswish_net"
-    sets = [f"network={network}", f"teacher_weights={user_weights('tiny_hardswish_net')}", "granq_impl=eager",
+    sets = [f"network={network}", f"teacher_weights={user_weights('tiny_hardswish_net')}", "quant_impl=eager",
             f"act_types={act_types}"]
     code, lines = run_main(tiny_run_args(tmp_path, cifar_folder, *[a for s in sets for a in ("--set", s)]))
     summary = check_run(code, lines, network, "cifar10")
@@ -116,7 +116,7 @@ def test_act_types_quantize_after_hardswish(act_types, quant_acts, float_inputs,
 
 
 def test_start_up_log_names_float_inputs_and_float_layers(caplog):
-    from quantization_utils import quantize_model
+    from quantization_utils import StudentSpec, quantize_model
     from utils.runs.config import load_options
     from utils.runs.run import log_unquantized_inputs
 
@@ -124,7 +124,7 @@ def test_start_up_log_names_float_inputs_and_float_layers(caplog):
 
     model = torch.nn.Sequential(MaskedConv(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                 torch.nn.Conv2d(4, 2, 1))
-    student = quantize_model(model, 4, 4, granq_impl="eager")
+    student = quantize_model(model, StudentSpec.of(4, 4, impl="eager"))
     with caplog.at_level("INFO", logger="granq"):
         names = log_unquantized_inputs(student, load_options(CIFAR10_CONF), torch.device("cpu"))
     assert names == ["0"]
@@ -135,14 +135,14 @@ def test_start_up_log_names_float_inputs_and_float_layers(caplog):
 
 
 def test_start_up_log_warns_of_one_range_for_a_reused_activation(caplog):
-    from quantization_utils import quantize_model
+    from quantization_utils import StudentSpec, quantize_model
     from utils.runs.config import load_options
     from utils.runs.run import log_unquantized_inputs
 
     from .user_models import reused_relu_net
 
     options = load_options(CIFAR10_CONF, overrides=["act_mode=layerwise"])
-    student = quantize_model(reused_relu_net(), 4, 4, act_mode="layerwise", granq_impl="eager")
+    student = quantize_model(reused_relu_net(), StudentSpec.of(4, 4, mode="layerwise", impl="eager"))
     with caplog.at_level("INFO", logger="granq"):
         log_unquantized_inputs(student, options, torch.device("cpu"))
     assert ("1 activation quantizers are called at several places per forward (one activation module reused), "

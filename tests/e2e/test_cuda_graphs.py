@@ -5,7 +5,7 @@ the same student; a capture that changes what is computed falls back to eager.""
 import pytest
 import torch
 
-from benchmarks.graph_probe import MODES, make_trainer
+from checks.graph_probe import MODES, make_trainer
 from utils.system.errors import UserError
 from utils.training import graphs
 from utils.training.graphs import (

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import utils.runs.saved as evaluate_module
+from utils.runs import config
 
 from ..conftest import last_json, run_main, tiny_run_args
 
@@ -28,17 +29,21 @@ def error_line(capsys) -> str:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, cifar_folder):
     save_path = tmp_path_factory.mktemp("device_runs")
-    code, lines = run_main(tiny_run_args(save_path, cifar_folder, "--set", "granq_impl=eager"))
+    code, lines = run_main(tiny_run_args(save_path, cifar_folder, "--set", "quant_impl=eager"))
     assert code == 0
     return last_json(lines)
 
 
-def test_summary_records_the_flags_in_effect_and_the_granq_path(tmp_path, cifar_folder):
+def test_summary_records_the_flags_in_effect_and_the_quant_path(tmp_path, cifar_folder, capsys):
+    # granq_impl, the former name of quant_impl, as published command lines give it: one deprecation line
+    config._current_key.cache_clear()
     code, lines = run_main(tiny_run_args(tmp_path, cifar_folder, "--set", "nEpochs=0", "--set", "granq_impl=eager",
                                          "--set", "deterministic=true"))
     assert code == 0
+    deprecated = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+    assert len(deprecated) == 1 and deprecated[0].endswith("config key granq_impl is deprecated: read as quant_impl")
     summary = last_json(lines)
-    assert summary["granq_path"] == "eager: granq_impl = eager"
+    assert summary["quant_path"] == "eager: quant_impl = eager" and summary["quant_impl"] == "eager"
     assert summary["deterministic"] is True and torch.are_deterministic_algorithms_enabled()
     # the CPU uses neither cuDNN nor TF32
     assert summary["cudnn_benchmark"] is False and summary["tf32"] == {"conv": False, "matmul": False}
@@ -48,7 +53,7 @@ def test_summary_records_the_flags_in_effect_and_the_granq_path(tmp_path, cifar_
 
 def test_default_run_is_not_deterministic(finished_run):
     assert finished_run["deterministic"] is False
-    assert finished_run["granq_path"] == "eager: granq_impl = eager"
+    assert finished_run["quant_path"] == "eager: quant_impl = eager"
 
 
 def test_a_gpu_index_beyond_the_visible_gpus_is_an_error(tmp_path, cifar_folder, monkeypatch, capsys):

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.gpu_check import labelled_test_set
+from checks.cli_eval import labelled_test_set
 from utils.runs.saved import evaluate_saved
 from utils.system.errors import UserError
 
@@ -17,7 +17,7 @@ def _teacher_labelled_run(root):
     This teacher's BatchNorm statistics are those of the test images and its last layer is centred and
     scaled on them, so its predictions vary; the labels are its own predictions (teacher top-1 100%), and
     at 6 bits the student agrees with it on part of the images only, so its accuracy depends on its weights
-    and bit-widths. The GPU check makes the same test set (benchmarks/gpu_check.py).
+    and bit-widths. The GPU check makes the same test set (checks/cli_eval.py).
     """
     test_set, weights = labelled_test_set(root, 40)
     labels = [c for c in os.listdir(test_set) if os.listdir(os.path.join(test_set, c))]

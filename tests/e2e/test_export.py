@@ -11,13 +11,21 @@ import pytest
 import torch
 import torch.nn as nn
 
-from quantization_utils import ACT_QUANTIZERS, QuantAct, quantize_model, register_act_quantizer, set_act_tracking
-from utils.export.onnx_export import GRANQ_DEPLOYMENT, METADATA_KEYS, export_onnx
-from utils.export.onnx_modules import deploy_model
+from quantization_utils import (
+    ACT_QUANTIZERS,
+    QuantAct,
+    StudentSpec,
+    quantize_model,
+    register_act_quantizer,
+    set_act_tracking,
+)
+from quantization_utils.act_quantizers import LayerwiseRange
+from utils.export.onnx_export import export_onnx
+from utils.export.onnx_modules import GRANQ_DEPLOYMENT, deploy_model, onnx_act_modes
 from utils.export.runtime import onnx_logits, onnx_session
 from utils.models import build_teacher
 from utils.runs.config import load_options
-from utils.runs.export import main as export_main
+from utils.runs.export_cli import main as export_main
 from utils.runs.saved import evaluate_saved
 from utils.training.checkpoints import student_record
 
@@ -101,7 +109,10 @@ def test_onnx_model_is_valid_and_says_what_it_is(exported):
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     metadata = {p.key: p.value for p in model.metadata_props}
-    assert set(METADATA_KEYS) <= set(metadata)
+    spec = StudentSpec.from_dict(json.loads(metadata["options"]))  # what the metadata records: the spec's dict and more
+    assert {"normalize_mean", "normalize_std", "input_size", "network", "dataset", "deploys_as", "source",
+            *spec.to_dict()} == set(metadata) - {"options"}
+    assert json.loads(metadata["act_types"]) == ["relu", "relu6"] and metadata["quant_impl"] == spec.impl
     assert json.loads(metadata["normalize_mean"]) == [0.485, 0.456, 0.406]
     assert json.loads(metadata["normalize_std"]) == [0.229, 0.224, 0.225]
     assert int(metadata["input_size"]) == 32 and metadata["network"] == "resnet20a_cifar10"
@@ -161,12 +172,11 @@ def _error_line(code, lines, err, match):
 
 
 def _student_file(path, network="tests.e2e.user_models:tiny_net", act_mode="granq", **sets):
-    options = load_options(CIFAR10_CONF, [f"network={network}", "granq_impl=eager", f"act_mode={act_mode}",
+    options = load_options(CIFAR10_CONF, [f"network={network}", "quant_impl=eager", f"act_mode={act_mode}",
                                           *(f"{k}={v}" for k, v in sets.items())])
     torch.manual_seed(0)
     teacher, _ = build_teacher(options.network, "random")
-    student = quantize_model(teacher, options.qw, options.qa, options.act_mode, options.weight_granularity, "eager",
-                             options.act_types)
+    student = quantize_model(teacher, options.student_spec())
     torch.save(student_record(options.to_dict(), {"seed": 1}, student.state_dict(), epoch=0, top1=None), path)
     return str(path)
 
@@ -185,20 +195,28 @@ def test_bad_inputs_give_one_error_line(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_an_act_mode_the_exporter_does_not_know(tmp_path):
-    @register_act_quantizer("export_test_sign")
-    def sign(x, bits):
-        """y = sign(x)."""
-        return torch.sign(x)
+def _sign(x, bits):
+    """y = sign(x)."""
+    return torch.sign(x)
 
+
+class _LayerwiseAgain(LayerwiseRange):
+    """A subclass of the layer-wise quantizer: ONNX forms go by the exact class, so it has none of its own."""
+
+
+@pytest.mark.parametrize("entry", [_sign, _LayerwiseAgain], ids=["function", "subclass"])
+def test_a_quantizer_with_no_onnx_form_packs_but_gets_one_error_line_for_onnx(tmp_path, entry):
+    register_act_quantizer("export_test_quantizer")(entry)
     try:
-        student = _student_file(tmp_path / "best_student.pt", act_mode="export_test_sign")
-        _error_line(*export(student, "--output", tmp_path / "out"), "act_mode 'export_test_sign' (layer 2.1)")
+        assert "export_test_quantizer" not in onnx_act_modes()
+        student = _student_file(tmp_path / "best_student.pt", act_mode="export_test_quantizer")
+        _error_line(*export(student, "--output", tmp_path / "out"), "act_mode 'export_test_quantizer' (layer 2.1) "
+                    "has no ONNX form; the quantizers with one: granq, layerwise, channel")
         assert not os.path.exists(tmp_path / "out" / "student.safetensors")  # nothing written
         code, lines, err = export(student, "--output", tmp_path / "out", "--format", "packed")
-        assert code == 0 and os.path.isfile(tmp_path / "out" / "student.safetensors"), err  # packing takes any mode
+        assert code == 0 and os.path.isfile(tmp_path / "out" / "student.safetensors"), err  # packing takes any
     finally:
-        del ACT_QUANTIZERS["export_test_sign"]
+        del ACT_QUANTIZERS["export_test_quantizer"]
 
 
 class DataDependentNet(nn.Module):
@@ -238,10 +256,10 @@ NETWORKS = [
 
 @pytest.mark.parametrize("network, conf, sets", NETWORKS)
 def test_networks_run_in_onnxruntime(tmp_path, network, conf, sets):
-    options = load_options(conf, [f"network={network}", "granq_impl=eager", *sets], qw=8, qa=8)
+    options = load_options(conf, [f"network={network}", "quant_impl=eager", *sets], qw=8, qa=8)
     torch.manual_seed(0)
     teacher, _ = build_teacher(options.network, "random")
-    student = quantize_model(teacher, 8, 8, options.act_mode, options.weight_granularity, "eager", options.act_types)
+    student = quantize_model(teacher, options.student_spec())
     size = 224 if options.dataset == "imagenet" else options.img_size
     set_act_tracking(student, True)  # tracked ranges, as a run calibrates them
     with torch.no_grad():

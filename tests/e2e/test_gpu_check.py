@@ -29,7 +29,7 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
         assert (tmp_path / f"{name}_quick_cpu.json").is_file(), name
     for name in ("cli", "cli_compiled"):
         assert steps[name]["eval_top1"] == steps[name]["student_top1"]
-    assert steps["cli_compiled"]["granq_path"] == "compiled"
+    assert steps["cli_compiled"]["quant_path"] == "compiled"
     assert steps["cli"]["tf32"] == {"conv": False, "matmul": False}
     assert set(steps["eval_throughput"]["images_per_s"]) == {"decode", "cached", "float", "granq"}
     assert steps["eval_throughput"]["exact"] is True

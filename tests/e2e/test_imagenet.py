@@ -13,7 +13,7 @@ import torch.nn as nn
 from PIL import Image
 
 import utils.models.registry as models
-from quantization_utils import QuantAct, QuantConv2d, QuantLinear, quantize_model
+from quantization_utils import QuantAct, QuantConv2d, QuantLinear, StudentSpec, quantize_model
 from quantization_utils.quantize import ACTIVATIONS, count_modules
 from utils.data.loaders import build_test_loader
 from utils.models import get_model_spec
@@ -134,7 +134,7 @@ def float_models():
 @pytest.mark.parametrize("network", CONFIGS.values())
 def test_quant_act_after_every_activation(network, float_models):
     teacher = float_models[network]
-    student = quantize_model(teacher, 4, 4)
+    student = quantize_model(teacher, StudentSpec.of(4, 4))
     activations = {name: type(m) for name, m in teacher.named_modules() if isinstance(m, ACTIVATIONS)}
     assert len(activations) == count_modules(student, QuantAct) > 0
     student_modules = dict(student.named_modules())
@@ -160,7 +160,7 @@ def test_quant_act_after_every_activation(network, float_models):
 def test_mobilenetv2_relu6_depthwise_pointwise_and_classifier(float_models):
     teacher = float_models["mobilenetv2_w1"]
     assert count_modules(teacher, nn.ReLU) == 0 and count_modules(teacher, nn.ReLU6) == 36
-    student = quantize_model(teacher, 3, 3, weight_granularity="channel")
+    student = quantize_model(teacher, StudentSpec.of(3, 3, granularity="channel"))
     convs = [m for m in student.modules() if isinstance(m, QuantConv2d)]
     depthwise = [m for m in convs if m.groups == m.in_channels > 1]
     pointwise = [m for m in convs if m.kernel_size == (1, 1)]
@@ -175,7 +175,7 @@ def test_mobilenetv2_relu6_depthwise_pointwise_and_classifier(float_models):
     # With one range per (out, in) kernel (the official GranQ weights), a 3 x 3 depthwise kernel
     # is quantized, but a 1 x 1 kernel is a single value that its own range reproduces: pointwise
     # convolutions and the classifier then stay in float, as docs/imagenet.md says.
-    kernel_wise = quantize_model(teacher, 3, 3, weight_granularity="kernel")
+    kernel_wise = quantize_model(teacher, StudentSpec.of(3, 3, granularity="kernel"))
     dw = next(m for m in kernel_wise.modules() if isinstance(m, QuantConv2d) and m.groups == m.in_channels > 1)
     assert max(len(torch.unique(k)) for k in dw.quantized_weight().detach().flatten(1)) <= 2**3 < 9
     classifier = kernel_wise.output

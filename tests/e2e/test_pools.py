@@ -10,7 +10,7 @@ import torch
 
 from utils.models import build_teacher
 from utils.runs.config import load_options
-from utils.runs.synthesize import main as synthesize_main
+from utils.runs.synthesize_cli import main as synthesize_main
 from utils.system import files
 from utils.training.pools import check_pool_options, load_pool
 
@@ -26,7 +26,7 @@ from ..conftest import (
 from ..unit.test_files import full_disk  # noqa: F401  (a fixture)
 
 # A pool of 16 images in batches of 8, two synthesis steps each.
-POOL = ("image_source=pool", "pool_size=16", "pool_batch=8", "pool_iters=2", "granq_impl=eager")
+POOL = ("image_source=pool", "pool_size=16", "pool_batch=8", "pool_iters=2", "quant_impl=eager")
 
 
 def pool_args(save_path, data, *sets, conf=CIFAR10_CONF):

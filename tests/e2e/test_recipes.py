@@ -31,7 +31,7 @@ def test_every_recipe_is_covered():
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_each_recipe_runs_a_short_epoch(recipe, tmp_path, cifar_folder):
     image_source, act_mode, granularity, terms = RECIPES[recipe]
-    sets = [f"recipe={recipe}", "granq_impl=eager", *(TINY_POOL if image_source == "pool" else []),
+    sets = [f"recipe={recipe}", "quant_impl=eager", *(TINY_POOL if image_source == "pool" else []),
             *(["nEpochs=0"] if recipe == "zeroq" else [])]  # the test's own nEpochs = 1 would win over the recipe's
     code, lines = run_main(tiny_run_args(tmp_path, cifar_folder, *[p for s in sets for p in ("--set", s)],
                                          conf=CIFAR10A_CONF))

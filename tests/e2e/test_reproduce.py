@@ -10,7 +10,7 @@ import time
 import pytest
 
 from utils.sweeps.plans import load_plan, resolve_plan
-from utils.sweeps.reproduce import main
+from utils.sweeps.reproduce_cli import main
 
 from ..conftest import CIFAR10_CONF, ROOT, make_image_folder
 
@@ -221,7 +221,7 @@ def test_sigterm_stops_each_run_with_one_sigterm(tmp_path):
 def test_two_cell_plan_interrupted_then_rerun_and_tabulated(tmp_path, cifar_folder, capsys):
     tiny = [f"dataPath={cifar_folder}", "teacher_weights=random", "nEpochs=1", "iters_per_epoch=2", "batchSize=4",
             "warmup_epochs=0", "nThreads=0", "test_batch_size=8",
-            "granq_impl=eager"]  # compiling would take longer than the run
+            "quant_impl=eager"]  # compiling would take longer than the run
     plan = write_plan(tmp_path, bits=[3, 4], set=tiny)
     cells = tmp_path / "runs" / "tiny"
     first, second = (cells / f"cifar10_resnet20_W{b}A{b}_granq_id1" for b in (3, 4))
@@ -263,7 +263,7 @@ def test_run_all_scripts_run_their_plan_and_pass_arguments_on(tmp_path, script, 
 
 
 TINY_RUN = ["teacher_weights=random", "nEpochs=1", "iters_per_epoch=2", "batchSize=4", "warmup_epochs=0",
-            "nThreads=0", "test_batch_size=8", "granq_impl=eager"]
+            "nThreads=0", "test_batch_size=8", "quant_impl=eager"]
 # Long enough to be stopped in epoch 2 (as tests/e2e/test_resume.py), deterministic to compare students.
 RESUMABLE_RUN = [*TINY_RUN, "nEpochs=3", "iters_per_epoch=5", "batchSize=24", "log_interval=1", "deterministic=true"]
 
@@ -318,7 +318,7 @@ def test_jobs_spread_over_every_visible_gpu(tmp_path, capsys, monkeypatch):
             for seed in (1, 2)]
     assert "fake run: CUDA_VISIBLE_DEVICES=3 " in logs[0] and "fake run: CUDA_VISIBLE_DEVICES=5 " in logs[1]
     assert all("--set GPU=0" in log for log in logs)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: every run sees it, as before
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: every run sees it, no spreading
     assert main(["--plan", plan, "--python", fake, "--jobs", "2"]) == 1
     assert "visible GPUs" not in capsys.readouterr().out
 

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from utils.sweeps.reproduce import main
+from utils.sweeps.reproduce_cli import main
 from utils.sweeps.slurm import _local_state
 
 from ..conftest import CIFAR10_CONF

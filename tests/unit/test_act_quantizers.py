@@ -3,10 +3,11 @@ import torch
 import torch.nn as nn
 
 from quantization_utils import (
-    ACT_MODES,
     ACT_QUANTIZERS,
+    ActQuant,
     ActQuantizer,
     QuantAct,
+    StudentSpec,
     act_quantizer_names,
     channel_fake_quant,
     quantize_model,
@@ -16,23 +17,26 @@ from quantization_utils import (
 )
 from quantization_utils.act_quantizers import all_reduce_range
 
+BUILT_IN = ("granq", "layerwise", "channel")
+
 
 @pytest.fixture
 def registry():
     """Names registered by a test are removed afterwards."""
-    before = dict(ACT_QUANTIZERS)
+    before = set(ACT_QUANTIZERS)
     yield
-    ACT_QUANTIZERS.clear()
-    ACT_QUANTIZERS.update(before)
+    for name in set(ACT_QUANTIZERS) - before:
+        del ACT_QUANTIZERS[name]
 
 
 def test_built_in_names():
-    assert act_quantizer_names() == ACT_MODES == ("granq", "layerwise", "channel")
+    assert act_quantizer_names() == BUILT_IN
 
 
 def test_unknown_name_lists_the_registered_ones():
-    with pytest.raises(ValueError, match=r"act_mode must be one of granq, layerwise, channel; got 'percentile'"):
-        QuantAct(4, "percentile")
+    with pytest.raises(ValueError, match=r"no activation quantizer is registered as 'percentile'; the registered "
+                                         r"ones: granq, layerwise, channel"):
+        QuantAct(ActQuant(4, "percentile"))
 
 
 def test_one_decorated_class_is_a_quantizer_with_state(registry):
@@ -51,7 +55,7 @@ def test_one_decorated_class_is_a_quantizer_with_state(registry):
             return x.clamp(-1, 1)
 
     assert act_quantizer_names()[-1] == "clip_count"
-    student = quantize_model(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), 8, 4, act_mode="clip_count")
+    student = quantize_model(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), StudentSpec.of(8, 4, mode="clip_count"))
     act = student[1][1]
     assert act.tracks_ranges and list(act.state_dict()) == ["calls"] and "mode=clip_count" in repr(act)
     x = torch.tensor([[5.0, 0.25, -3.0, 0.5]])
@@ -67,7 +71,7 @@ def test_one_decorated_function_is_a_stateless_quantizer(registry):
         """y = bits * sign(x)."""
         return bits * torch.sign(x)
 
-    act = QuantAct(3, "bits_times_sign")
+    act = QuantAct(ActQuant(3, "bits_times_sign"))
     assert not act.tracks_ranges and not list(act.buffers())
     assert act(torch.tensor([-2.0, 0.0, 0.5])).tolist() == [-3.0, 0.0, 3.0]
 
@@ -79,11 +83,11 @@ def test_registration_needs_a_formula_a_new_name_and_the_base_class(registry):
         register_act_quantizer("granq")(type("Other", (ActQuantizer,), {"__doc__": "y = x"}))
     with pytest.raises(TypeError, match="must subclass ActQuantizer"):
         register_act_quantizer("plain")(type("Plain", (), {"__doc__": "y = x"}))
-    assert act_quantizer_names() == ACT_MODES
+    assert act_quantizer_names() == BUILT_IN
 
 
 def test_channel_hand_computed_moving_average_and_freezing():
-    act = QuantAct(2, "channel", momentum=0.9)
+    act = QuantAct(ActQuant(2, "channel", momentum=0.9))
     assert act.x_min.shape == (0,) and act.tracks_ranges
     first = torch.tensor([[[-1.0, 3.0]], [[0.0, 6.0]]]).view(1, 2, 1, 2)  # channel ranges [-1, 3] and [0, 6]
     act(first)
@@ -105,8 +109,8 @@ def test_channel_hand_computed_moving_average_and_freezing():
 def test_channel_tracks_each_channel_by_the_layerwise_rule():
     torch.manual_seed(0)
     batches = [torch.randn(4, 3, 5, 5) * (c + 1) for c in range(5)]
-    channel = QuantAct(3, "channel", momentum=0.8)
-    layerwise = [QuantAct(3, "layerwise", momentum=0.8) for _ in range(3)]
+    channel = QuantAct(ActQuant(3, "channel", momentum=0.8))
+    layerwise = [QuantAct(ActQuant(3, "layerwise", momentum=0.8)) for _ in range(3)]
     for step, x in enumerate(batches):
         if step == 3:
             set_act_tracking(channel, False)
@@ -121,7 +125,7 @@ def test_channel_tracks_each_channel_by_the_layerwise_rule():
 
 
 def test_channel_ranges_must_exist_and_fit():
-    act = QuantAct(4, "channel")
+    act = QuantAct(ActQuant(4, "channel"))
     act.fix()
     with pytest.raises(RuntimeError, match="channel ranges of this QuantAct are empty"):
         act(torch.rand(2, 3, 4, 4))
@@ -139,15 +143,15 @@ def _small_network():
 def test_saved_channel_student_reloads_exactly():
     torch.manual_seed(0)
     model = _small_network().eval()
-    student = quantize_model(model, 4, 3, act_mode="channel")
+    spec = StudentSpec.of(4, 3, mode="channel")
+    student = quantize_model(model, spec)
     with torch.no_grad():
         for _ in range(3):
             student(torch.randn(8, 3, 10, 10))
     set_act_tracking(student, False)
     saved = {k: v.clone() for k, v in student.state_dict().items()}
     assert saved["2.1.x_min"].shape == (4,) and saved["4.1.x_max"].shape == (6,) and saved["8.1.x_min"].shape == (5,)
-    rebuilt = rebuild_student(_small_network(), {"qw": 4, "qa": 3, "act_mode": "channel",
-                                                 "weight_granularity": "kernel"}, saved)
+    rebuilt = rebuild_student(_small_network(), spec, saved)
     assert rebuilt.state_dict().keys() == saved.keys()
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in saved.items())
     images = torch.randn(5, 3, 10, 10)

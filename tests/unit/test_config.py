@@ -1,7 +1,10 @@
+import logging
+
 import pytest
 
-from quantization_utils import ACT_QUANTIZERS, register_act_quantizer
-from utils.runs.config import Options, load_options, parse_override
+from quantization_utils import ACT_QUANTIZERS, StudentSpec, register_act_quantizer
+from utils.runs import config
+from utils.runs.config import Options, load_options, options_from_dict, parse_override
 from utils.system.errors import ConfigError
 
 from ..conftest import CIFAR10_CONF, CIFAR10A_CONF, ROOT
@@ -175,6 +178,33 @@ def test_act_types_default_and_round_trip(tmp_path):
     path = tmp_path / "config.hocon"
     path.write_text(options.to_hocon())
     assert load_options(str(path)) == options
+
+
+def test_the_former_name_of_quant_impl_is_read_with_one_warning(tmp_path, caplog):
+    config._current_key.cache_clear()
+    conf = tmp_path / "old.hocon"
+    conf.write_text(f'include "{CIFAR10_CONF}"\ngranq_impl = compiled\n')
+    with caplog.at_level(logging.WARNING, logger="utils.runs.config"):
+        assert load_options(CIFAR10_CONF, ["granq_impl=eager"]).quant_impl == "eager"
+        assert load_options(str(conf)).quant_impl == "compiled"
+        saved = {("granq_impl" if key == "quant_impl" else key): value for key, value in Options().to_dict().items()}
+        assert options_from_dict({**saved, "granq_impl": "eager"}).quant_impl == "eager"  # a run saved with it
+    assert [r.getMessage() for r in caplog.records] == ["config key granq_impl is deprecated: read as quant_impl"]
+    # where both names are given, the current one wins
+    both = {**Options().to_dict(), "quant_impl": "compiled", "granq_impl": "eager"}
+    assert options_from_dict(both).quant_impl == "compiled"
+    assert "granq_impl" not in Options().to_dict()
+
+
+def test_the_options_give_the_student_spec():
+    options = load_options(CIFAR10_CONF, ["act_mode=channel", "weight_granularity=channel", "quant_impl=eager",
+                                          'act_types=["relu", "hardswish"]'], qw=5, qa=4)
+    spec = options.student_spec()
+    assert spec == StudentSpec.of(5, 4, mode="channel", granularity="channel", impl="eager",
+                                  act_types=["relu", "hardswish"])
+    assert spec == StudentSpec.from_dict(options.to_dict()) == StudentSpec.from_dict(spec.to_dict())
+    assert {key: getattr(options, key) for key in spec.to_dict() if key != "act_momentum"} == \
+        {key: value for key, value in spec.to_dict().items() if key != "act_momentum"}
 
 
 def test_unknown_student_loss_lists_every_registered_term():

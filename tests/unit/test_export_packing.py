@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from quantization_utils import QuantConv2d, quantize_model, set_act_tracking, weight_fake_quant
+from quantization_utils import QuantConv2d, StudentSpec, quantize_model, set_act_tracking, weight_fake_quant
 from utils.export.codes import bits_for, dequantize, pack_bits, packed_bytes, quantize_weight, unpack_bits
 from utils.export.packed import PACKED_FORMAT, load_packed, pack_student, read_packed, save_packed
 from utils.models import build_teacher
@@ -19,14 +19,13 @@ from ..conftest import RESNET20A_WEIGHTS, ROOT, needs_shared_data
 
 def _options(qw, qa, act_mode="granq", weight_granularity="kernel", network="resnet20a_cifar10"):
     return {"qw": qw, "qa": qa, "act_mode": act_mode, "weight_granularity": weight_granularity, "network": network,
-            "dataset": "cifar10", "granq_impl": "eager", "act_types": ["relu", "relu6"]}
+            "dataset": "cifar10", "quant_impl": "eager", "act_types": ["relu", "relu6"]}
 
 
 def _student(options, teacher=None, calibrate=False):
     torch.manual_seed(0)
     teacher = resnet20a_cifar10().eval() if teacher is None else teacher
-    student = quantize_model(teacher, options["qw"], options["qa"], options["act_mode"],
-                             options["weight_granularity"], "eager").eval()
+    student = quantize_model(teacher, StudentSpec.from_dict(options)).eval()
     if calibrate:  # tracked ranges, as a run without training calibrates them
         set_act_tracking(student, True)
         with torch.no_grad():
@@ -65,7 +64,7 @@ def test_integer_codes_give_the_quantized_weight(bits, granularity):
     with torch.no_grad():  # kernels whose values all have one sign: their grid lies away from 0
         conv.weight[:2] = conv.weight[:2].abs() + 0.5
         conv.weight[2:4] = -conv.weight[2:4].abs() - 0.5
-    layer = quantize_model(torch.nn.Sequential(conv), bits, 8, weight_granularity=granularity, granq_impl="eager")[0]
+    layer = quantize_model(torch.nn.Sequential(conv), StudentSpec.of(bits, 8, granularity=granularity, impl="eager"))[0]
     weight = quantize_weight(layer)
     assert weight.codes.min() >= -(2 ** (bits - 1)) and weight.codes.max() <= 2 ** (bits - 1) - 1
     assert torch.equal(dequantize(weight), weight_fake_quant(conv.weight, bits, granularity))
@@ -93,7 +92,7 @@ class OneByOneNet(torch.nn.Module):
 def test_rows_of_one_weight_and_of_65_codes(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = OneByOneNet().eval()
-    student = quantize_model(model, 6, 8, granq_impl="eager").eval()
+    student = quantize_model(model, StudentSpec.of(6, 8, impl="eager")).eval()
     tie, point = quantize_weight(student.tie), quantize_weight(student.point)
     assert tie.overflow == [(0, -33)]  # one code beyond 6 bits, kept exactly
     assert point.zero_point.abs().min() > 2**24  # ranges of one weight are RANGE_EPS wide

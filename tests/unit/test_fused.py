@@ -1,7 +1,7 @@
 """The fast GranQ path: equal values and gradient to eager, few compilations, a clean fallback.
 
 Compiling takes seconds, so every test shares one compiled function (the ``compiled_granq`` fixture, the
-process-wide instance that ``granq_impl = compiled`` uses) and keeps tensors small. Where torch.compile
+process-wide instance that ``quant_impl = compiled`` uses) and keeps tensors small. Where torch.compile
 does not work, the tests of the compiled path skip with the reason and the fallback tests still run.
 """
 
@@ -15,14 +15,16 @@ import torch.nn as nn
 
 import quantization_utils.fused as fused
 from quantization_utils import (
+    ActQuant,
     CompiledGranQ,
     QuantAct,
     QuantConv2d,
     QuantLinear,
+    StudentSpec,
     WeightQuant,
     granq_fake_quant,
     granq_function,
-    granq_path,
+    quant_path,
     quantize_model,
     weight_fake_quant,
     weight_function,
@@ -171,7 +173,7 @@ def test_auto_falls_back_to_eager_once(compiler, caplog):
 @pytest.mark.parametrize("compiler", [failing_compiler, compiler_failing_on_call])
 def test_compiled_raises_when_compilation_fails(compiler):
     granq = CompiledGranQ(strict=True, compiler=compiler)
-    with pytest.raises(RuntimeError, match="granq_impl = compiled, but the compiled GranQ quantizer failed"):
+    with pytest.raises(RuntimeError, match="quant_impl = compiled, but the compiled GranQ quantizer failed"):
         granq(torch.randn(2, 3, 4, 4), 3)
 
 
@@ -278,24 +280,24 @@ def test_tie_tensor_rounds_exact_halves_to_even(bits, signed):
     assert torch.equal(granq_fake_quant(x, bits)[:, 2:] * scale - zero_point, to_even)
 
 
-def test_granq_path_names_the_implementation(monkeypatch):
+def test_quant_path_names_the_implementation(monkeypatch):
     monkeypatch.setattr(fused, "_SHARED", {})
-    assert granq_path("eager") == "eager: granq_impl = eager"
-    assert granq_path("auto") == "eager: no call has used the compiled path yet"
+    assert quant_path("eager") == "eager: quant_impl = eager"
+    assert quant_path("auto") == "eager: no call has used the compiled path yet"
     fused._SHARED["auto"] = CompiledGranQ(strict=False, compiler=same_compiler)
     granq_function("auto")(torch.randn(2, 7, 1, 1), 3)  # rows of one element go to eager
-    assert granq_path("auto") == "eager: no call has used the compiled path yet"
+    assert quant_path("auto") == "eager: no call has used the compiled path yet"
     granq_function("auto")(torch.randn(2, 7, 3, 3), 3)
-    assert granq_path("auto") == "compiled"
+    assert quant_path("auto") == "compiled"
     fused._SHARED["compiled"] = CompiledGranQ(strict=True, compiler=failing_compiler)
     with pytest.raises(RuntimeError):
         granq_function("compiled")(torch.randn(2, 7), 3)
-    assert granq_path("compiled") == "eager: no call has used the compiled path yet"
+    assert quant_path("compiled") == "eager: no call has used the compiled path yet"
     fused._SHARED["auto"] = CompiledGranQ(strict=False, compiler=failing_compiler)
     weight_function("auto")(torch.randn(4, 3, 3, 3), 3)
-    assert granq_path("auto") == "eager: RuntimeError: simulated: no working C++ compiler"
-    with pytest.raises(ValueError, match="granq_impl must be one of"):
-        granq_path("fast")
+    assert quant_path("auto") == "eager: RuntimeError: simulated: no working C++ compiler"
+    with pytest.raises(ValueError, match="quant_impl must be one of"):
+        quant_path("fast")
 
 
 def test_no_compilation_off_the_cpu_without_eager_numerics(monkeypatch):
@@ -309,7 +311,7 @@ def test_no_compilation_off_the_cpu_without_eager_numerics(monkeypatch):
     assert calls == []
     assert granq.path == (f"eager: torch {torch.__version__} lacks torch._inductor.config.eager_numerics."
                           f"division_rounding; compiled values could differ from eager on meta")
-    with pytest.raises(RuntimeError, match="granq_impl = compiled.*lacks torch._inductor.config.eager_numerics"):
+    with pytest.raises(RuntimeError, match="quant_impl = compiled.*lacks torch._inductor.config.eager_numerics"):
         CompiledGranQ(strict=True, compiler=same_compiler).weight(torch.empty(4, 3, 3, 3, device="meta"), 3)
     on_cpu = CompiledGranQ(strict=True, compiler=same_compiler)
     on_cpu(torch.randn(2, 3, 4, 4), 3)
@@ -352,21 +354,21 @@ def test_eager_numerics_options_apply_to_this_compilation_only(monkeypatch):
     assert current() == before
 
 
-def test_quantize_model_wires_granq_impl():
+def test_quantize_model_wires_the_implementation():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU6(), nn.Flatten(), nn.Linear(4, 2))
     for impl in ("auto", "compiled", "eager"):
-        student = quantize_model(model, 4, 4, granq_impl=impl)
+        student = quantize_model(model, StudentSpec.of(4, 4, impl=impl))
         acts = [m for m in student.modules() if isinstance(m, QuantAct)]
         layers = [m for m in student.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
         assert len(acts) == 2 and len(layers) == 3
-        assert all(a.granq_impl == impl and a.granq_fn is granq_function(impl) for a in acts)
-        assert all(m.granq_impl == impl and m.weight_fn == weight_function(impl) for m in layers)
-        assert f"granq_impl={impl}" in repr(acts[0]) and f"granq_impl={impl}" in repr(layers[0])
+        assert all(a.quant.impl == impl and a.quantizer.fn is granq_function(impl) for a in acts)
+        assert all(m.quant.impl == impl and m.weight_fn == weight_function(impl) for m in layers)
+        assert f"quant_impl={impl}" in repr(acts[0]) and f"quant_impl={impl}" in repr(layers[0])
     assert granq_function("eager") is granq_fake_quant and weight_function("eager") is weight_fake_quant
     assert granq_function("auto") is granq_function("auto") and not granq_function("auto").strict
-    with pytest.raises(ValueError, match="granq_impl must be one of"):
-        QuantAct(4, granq_impl="fast")
-    with pytest.raises(ValueError, match="granq_impl must be one of"):
+    with pytest.raises(ValueError, match="quant_impl must be one of"):
+        ActQuant(4, impl="fast")
+    with pytest.raises(ValueError, match="quant_impl must be one of"):
         QuantLinear(3, 2, quant=WeightQuant(3, impl="fast"))
 
 
@@ -376,16 +378,16 @@ def test_compiled_student_equals_eager_student(compiled_granq):
     teacher = get_model_spec("resnet20_cifar10").build().eval()
     x = torch.randn(3, 3, 32, 32)
     for memory_format in (torch.contiguous_format, torch.channels_last):
-        students = [quantize_model(teacher, 3, 3, granq_impl=impl).to(memory_format=memory_format)
+        students = [quantize_model(teacher, StudentSpec.of(3, 3, impl=impl)).to(memory_format=memory_format)
                     for impl in ("compiled", "eager")]
         with torch.no_grad():
             assert torch.equal(students[0](x), students[1](x))
 
 
 def test_copies_and_pickles_share_the_compiled_function():
-    act = QuantAct(3, granq_impl="auto")
-    assert copy.deepcopy(act).granq_fn is act.granq_fn
-    assert pickle.loads(pickle.dumps(act)).granq_fn is act.granq_fn
+    act = QuantAct(ActQuant(3, impl="auto"))
+    assert copy.deepcopy(act).quantizer.fn is act.quantizer.fn
+    assert pickle.loads(pickle.dumps(act)).quantizer.fn is act.quantizer.fn
     conv = QuantConv2d(3, 4, 3, quant=WeightQuant(8, impl="auto"))
     assert copy.deepcopy(conv).weight_fn == conv.weight_fn
     assert pickle.loads(pickle.dumps(conv)).weight_fn == conv.weight_fn
@@ -404,16 +406,16 @@ def test_trainer_runs_with_compile_unavailable(monkeypatch, caplog, tmp_path, ci
     monkeypatch.setattr(fused, "compile_values", failing_compiler)
     options = load_options(CIFAR10_CONF, [f"dataPath={cifar_folder}", "nThreads=0", "batchSize=4", "iters_per_epoch=2",
                                           "warmup_epochs=0", "test_batch_size=10", "nEpochs=1"])
-    assert options.granq_impl == "auto"
+    assert options.quant_impl == "auto"
     teacher, _ = build_teacher(options.network, "random")
     trainer = Trainer(options, teacher, build_test_loader(options), torch.device("cpu"), str(tmp_path), {})
     with caplog.at_level(logging.WARNING, logger="quantization_utils.fused"):
         summary = trainer.fit()
     assert summary["student_top1"] is not None
     acts = [m for m in trainer.student.modules() if isinstance(m, QuantAct)]
-    assert len({id(a.granq_fn) for a in acts}) == 1 and "simulated" in acts[0].granq_fn.failure
+    assert len({id(a.quantizer.fn) for a in acts}) == 1 and "simulated" in acts[0].quantizer.fn.failure
     convs = [m for m in trainer.student.modules() if isinstance(m, QuantConv2d)]
-    assert all(c.weight_fn.__self__ is acts[0].granq_fn for c in convs)
+    assert all(c.weight_fn.__self__ is acts[0].quantizer.fn for c in convs)
     assert caplog.text.count("the compiled GranQ quantizer failed") == 1
 
 
@@ -425,7 +427,7 @@ def make_trainer(impl: str, tmp_path):
     from ..conftest import CIFAR10_CONF
 
     options = load_options(CIFAR10_CONF, ["batchSize=4", "iters_per_epoch=2", "warmup_epochs=0", "log_interval=2",
-                                          f"granq_impl={impl}"])
+                                          f"quant_impl={impl}"])
     torch.manual_seed(0)
     teacher, _ = build_teacher(options.network, "random")
     return Trainer(options, teacher, None, torch.device("cpu"), str(tmp_path / impl), {})
@@ -454,7 +456,8 @@ def test_quantized_forward_and_backward_never_read_back_to_the_host(compiled_gra
     """No .item(), .tolist(), .cpu() or bool(tensor) in a student's forward and backward (a device sync on CUDA)."""
     from utils.models import get_model_spec
 
-    student = quantize_model(get_model_spec("resnet20_cifar10").build().eval(), 3, 3, act_mode, granq_impl="compiled")
+    student = quantize_model(get_model_spec("resnet20_cifar10").build().eval(),
+                             StudentSpec.of(3, 3, mode=act_mode, impl="compiled"))
     x = torch.randn(4, 3, 32, 32, requires_grad=True)
     student(x).sum().backward()  # first call: verification against eager, which may read back
     called = []

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.graph_probe import MODES, FrozenLearningRates, FrozenRanges, RepeatedLatents
+from checks.graph_probe import MODES, FrozenLearningRates, FrozenRanges, RepeatedLatents
 from utils.models import build_teacher
 from utils.runs.config import load_options
 from utils.system import distributed
@@ -37,7 +37,7 @@ COUNT = 3  # iterations per branch in these checks: the stand-ins differ from th
 
 def make_trainer(tmp_path, *sets):
     options = load_options(CIFAR10_CONF, ["batchSize=4", "iters_per_epoch=4", "nEpochs=2", "warmup_epochs=1",
-                                          "granq_impl=eager", "teacher_weights=random", *sets])
+                                          "quant_impl=eager", "teacher_weights=random", *sets])
     torch.manual_seed(0)
     teacher, _ = build_teacher(options.network, "random")
     return Trainer(options, teacher, None, CPU, str(tmp_path), {"id": 0, "seed": 1}, run_pool(options, teacher, CPU))
@@ -201,7 +201,7 @@ def test_a_checkpoint_keeps_the_values_and_the_run_keeps_its_optimizer(tmp_path)
     load_optimizer_state(trainer.opt_G, fused.state_dict())
     assert isinstance(trainer.opt_G.param_groups[0]["lr"], float) and not trainer.opt_G.param_groups[0]["fused"]
     opt_S, opt_G = build_optimizers(trainer.options, trainer.student_params, trainer.generator_params)
-    assert all(isinstance(g["lr"], float) for opt in (opt_S, opt_G) for g in opt.param_groups)  # CPU: as before
+    assert all(isinstance(g["lr"], float) for opt in (opt_S, opt_G) for g in opt.param_groups)  # CPU: plain ones
 
 
 def test_capture_optimizers_only_where_a_graph_is_captured(tmp_path):

@@ -4,9 +4,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quantization_utils import (
+    ActQuant,
     QuantAct,
     QuantConv2d,
     QuantLinear,
+    StudentSpec,
     WeightQuant,
     count_modules,
     granq_fake_quant,
@@ -42,14 +44,14 @@ def test_quant_linear_from_float_and_gradient():
 
 
 def test_quant_act_granq():
-    act = QuantAct(3)
+    act = QuantAct(ActQuant(3))
     x = torch.randn(2, 4, 5, 5)
     assert torch.equal(act(x), granq_fake_quant(x, 3))
     assert not list(act.buffers())  # GranQ keeps no state
 
 
 def test_quant_act_layerwise_moving_average():
-    act = QuantAct(4, "layerwise", momentum=0.9)
+    act = QuantAct(ActQuant(4, "layerwise", momentum=0.9))
     first = torch.tensor([[-1.0, 3.0]])
     act(first)
     assert act.x_min.item() == pytest.approx(-1.0) and act.x_max.item() == pytest.approx(3.0)
@@ -68,15 +70,15 @@ def test_quant_act_layerwise_moving_average():
 
 
 def test_quant_act_rejects_unknown_mode():
-    with pytest.raises(ValueError, match="act_mode must be one of"):
-        QuantAct(4, "percentile")
+    with pytest.raises(ValueError, match="no activation quantizer is registered as 'percentile'"):
+        ActQuant(4, "percentile")
 
 
 @pytest.mark.parametrize("network", ["resnet20_cifar10", "resnet20a_cifar10"])
 def test_quantize_model_resnet20(network):
     teacher = get_model_spec(network).build().eval()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = quantize_model(teacher, 4, 4)
+    student = quantize_model(teacher, StudentSpec.of(4, 4))
     # the teacher is untouched
     assert count_modules(teacher, (QuantAct, QuantConv2d, QuantLinear)) == 0
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
@@ -97,7 +99,7 @@ def test_quantize_model_resnet20(network):
 
 def test_quantize_model_does_not_quantize_the_input():
     model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.ReLU())
-    student = quantize_model(model, 8, 2)
+    student = quantize_model(model, StudentSpec.of(8, 2))
     with torch.no_grad():
         student[0].weight.copy_(torch.eye(3, 3).repeat(2, 1)[:4, :, None, None])
     x = torch.rand(1, 3, 2, 2) * 0.3 + 0.35
@@ -106,8 +108,8 @@ def test_quantize_model_does_not_quantize_the_input():
 
 
 def test_set_act_tracking():
-    student = quantize_model(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2), nn.ReLU6()), 4, 4,
-                             act_mode="layerwise")
+    student = quantize_model(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2), nn.ReLU6()),
+                             StudentSpec.of(4, 4, mode="layerwise"))
     acts = [m for m in student.modules() if isinstance(m, QuantAct)]
     assert len(acts) == 2
     set_act_tracking(student, False)
@@ -118,4 +120,4 @@ def test_set_act_tracking():
 
 def test_quantize_model_rejects_bad_bits():
     with pytest.raises(ValueError, match="got 9"):
-        quantize_model(nn.Sequential(nn.Linear(2, 2)), 9, 4)
+        quantize_model(nn.Sequential(nn.Linear(2, 2)), StudentSpec.of(9, 4))

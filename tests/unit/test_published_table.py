@@ -1,5 +1,4 @@
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -8,7 +7,6 @@ import pytest
 
 from ..conftest import ROOT
 
-TOOL = os.path.join(ROOT, "tools", "published_table.py")
 README = os.path.join(ROOT, "README.md")
 CSV = os.path.join(ROOT, "utils", "reports", "published_numbers.csv")
 START, END = "<!-- published-table:start -->", "<!-- published-table:end -->"
@@ -16,10 +14,9 @@ START, END = "<!-- published-table:start -->", "<!-- published-table:end -->"
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("published_table", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from utils.runs import published_table_cli
+
+    return published_table_cli
 
 
 def _tool_output(tool, capsys, *argv) -> str:

@@ -6,8 +6,11 @@ import torch.nn as nn
 
 from quantization_utils import (
     ACT_TYPES,
+    ActQuant,
     QuantAct,
     QuantConv2d,
+    StudentSpec,
+    WeightQuant,
     activation_classes,
     count_modules,
     quantize_model,
@@ -18,7 +21,7 @@ from quantization_utils import (
 )
 from tests.e2e.user_models import MaskedConv, reused_relu_net, tiny_hardswish_net, tiny_net
 
-OPTIONS = {"qw": 4, "qa": 4, "act_mode": "granq", "weight_granularity": "kernel", "granq_impl": "eager"}
+SPEC = StudentSpec.of(4, 4, impl="eager")
 
 
 def test_act_types_by_name_and_class():
@@ -34,7 +37,7 @@ def test_act_types_by_name_and_class():
 
 
 def test_default_act_types_leave_hardswish_in_float():
-    student = quantize_model(tiny_hardswish_net(), 4, 4, granq_impl="eager")
+    student = quantize_model(tiny_hardswish_net(), StudentSpec.of(4, 4, impl="eager"))
     assert count_modules(student, QuantAct) == 0
     assert count_modules(student, QuantConv2d) == 2
 
@@ -42,11 +45,11 @@ def test_default_act_types_leave_hardswish_in_float():
 @pytest.mark.parametrize("act_types", [["hardswish"], [nn.Hardswish], ["relu", "hardswish"]])
 def test_hardswish_gets_a_quant_act(act_types):
     teacher = tiny_hardswish_net().eval()
-    student = quantize_model(teacher, 4, 3, granq_impl="eager", act_types=act_types)
+    student = quantize_model(teacher, StudentSpec.of(4, 3, impl="eager", act_types=act_types))
     wrapped = [m for m in student.modules() if isinstance(m, nn.Sequential) and len(m) == 2
                and isinstance(m[0], nn.Hardswish) and isinstance(m[1], QuantAct)]
     assert len(wrapped) == 2 == count_modules(student, QuantAct)
-    assert all(m[1].bits == 3 for m in wrapped)
+    assert all(m[1].quant.bits == 3 for m in wrapped)
     # Hardswish goes below zero: the asymmetric grid covers it, at most 2**3 levels per (sample, channel).
     captured = []
     wrapped[0].register_forward_hook(lambda module, inputs, output: captured.append((inputs[0], output)))
@@ -60,37 +63,64 @@ def test_hardswish_gets_a_quant_act(act_types):
 @pytest.mark.parametrize("name, cls", [("silu", nn.SiLU), ("gelu", nn.GELU), ("leaky_relu", nn.LeakyReLU)])
 def test_other_activation_types(name, cls):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), cls(), nn.Conv2d(4, 2, 1))
-    student = quantize_model(model, 4, 4, granq_impl="eager", act_types=[name])
+    student = quantize_model(model, StudentSpec.of(4, 4, impl="eager", act_types=[name]))
     assert isinstance(student[2], nn.Sequential) and isinstance(student[2][0], cls)
     assert isinstance(student[2][1], QuantAct)
 
 
-def test_rebuild_student_honours_saved_act_types():
+def test_rebuild_student_honours_the_spec_act_types():
     teacher = tiny_hardswish_net().eval()
-    options = {**OPTIONS, "act_types": ["hardswish"]}
-    student = quantize_model(teacher, 4, 4, granq_impl="eager", act_types=["hardswish"])
-    rebuilt = rebuild_student(tiny_hardswish_net(), options, student.state_dict())
+    spec = StudentSpec.of(4, 4, impl="eager", act_types=["hardswish"])
+    student = quantize_model(teacher, spec)
+    rebuilt = rebuild_student(tiny_hardswish_net(), spec, student.state_dict())
     assert count_modules(rebuilt, QuantAct) == 2
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), student.eval()(x))
 
 
-def test_rebuild_student_without_saved_act_types_uses_relu():
-    # Checkpoints written before act_types existed quantized after ReLU and ReLU6.
-    student = quantize_model(tiny_net(), 4, 4, granq_impl="eager")
-    rebuilt = rebuild_student(tiny_net(), OPTIONS, student.state_dict())
+def test_options_without_act_types_give_relu_and_relu6():
+    # Checkpoints whose options have no act_types quantized after ReLU and ReLU6.
+    spec = StudentSpec.from_dict({"qw": 4, "qa": 4, "act_mode": "granq", "weight_granularity": "kernel",
+                                  "granq_impl": "eager"})
+    assert spec == SPEC and spec.act_types == ("relu", "relu6")
+    student = quantize_model(tiny_net(), SPEC)
+    rebuilt = rebuild_student(tiny_net(), spec, student.state_dict())
     assert count_modules(rebuilt, QuantAct) == 2
     relu6_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6(), nn.Conv2d(4, 2, 1))
-    assert count_modules(rebuild_student(relu6_model, OPTIONS, quantize_model(relu6_model, 4, 4).state_dict()),
+    assert count_modules(rebuild_student(relu6_model, spec, quantize_model(relu6_model, SPEC).state_dict()),
                          QuantAct) == 1
 
 
+def test_the_spec_is_checked_when_built_and_round_trips_its_dict():
+    spec = StudentSpec.of(5, 3, mode="channel", granularity="channel", momentum=0.8, impl="eager",
+                          act_types=["relu", nn.GELU])
+    assert spec.to_dict() == {"qw": 5, "qa": 3, "act_mode": "channel", "weight_granularity": "channel",
+                              "act_momentum": 0.8, "quant_impl": "eager",
+                              "act_types": ["relu", "torch.nn.modules.activation:GELU"]}
+    again = StudentSpec.from_dict(spec.to_dict())
+    assert again.to_dict() == spec.to_dict() and activation_classes(again.act_types) == (nn.ReLU, nn.GELU)
+    with pytest.raises(ValueError, match="bits"):
+        StudentSpec.of(9, 4)
+    with pytest.raises(ValueError, match="no activation quantizer is registered as 'percentile'"):
+        StudentSpec.of(4, 4, mode="percentile")
+    with pytest.raises(ValueError, match="quant_impl must be one of"):
+        StudentSpec.of(4, 4, impl="fast")
+    with pytest.raises(ValueError, match="momentum must be in"):
+        StudentSpec.of(4, 4, momentum=1.0)
+    with pytest.raises(ValueError, match="unknown activation type 'swish'"):
+        StudentSpec.of(4, 4, act_types=["swish"])
+    with pytest.raises(ValueError, match="one implementation serves weights and activations"):
+        StudentSpec(WeightQuant(4, impl="eager"), ActQuant(4), ("relu",))
+    with pytest.raises(ValueError, match="the settings lack qa, weight_granularity"):
+        StudentSpec.from_dict({"qw": 4, "act_mode": "granq"})
+
+
 def test_unquantized_inputs_names_the_float_readers():
-    student = quantize_model(tiny_net(), 4, 4, granq_impl="eager")
+    student = quantize_model(tiny_net(), StudentSpec.of(4, 4, impl="eager"))
     # 0: the image; 3: after ReLU + QuantAct; 8: after average pooling.
     assert unquantized_inputs(student, torch.randn(1, 3, 16, 16)) == ["0", "8"]
-    float_acts = quantize_model(tiny_hardswish_net(), 4, 4, granq_impl="eager")
+    float_acts = quantize_model(tiny_hardswish_net(), StudentSpec.of(4, 4, impl="eager"))
     assert unquantized_inputs(float_acts, torch.randn(1, 3, 16, 16)) == ["0", "3", "8"]
 
 
@@ -120,26 +150,26 @@ class _Branches(nn.Module):
 
 
 def test_unquantized_inputs_follow_grid_keeping_modules_and_views():
-    student = quantize_model(_Branches(), 4, 4, granq_impl="eager")
+    student = quantize_model(_Branches(), StudentSpec.of(4, 4, impl="eager"))
     assert unquantized_inputs(student, torch.randn(1, 3, 16, 16)) == ["conv", "after_sum", "after_inplace"]
 
 
 def test_unquantized_inputs_leave_the_student_unchanged():
-    student = quantize_model(tiny_net(), 4, 4, act_mode="layerwise", granq_impl="auto")
+    student = quantize_model(tiny_net(), StudentSpec.of(4, 4, mode="layerwise", impl="auto"))
     set_act_tracking(student, True)
     student.train()
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    functions = [m.granq_fn for m in student.modules() if isinstance(m, QuantAct)]
+    quantizers = [m.quantizer for m in student.modules() if isinstance(m, QuantAct)]
     unquantized_inputs(student, torch.randn(1, 3, 16, 16))
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())  # no range was tracked
     assert student.training and all(m.tracking for m in student.modules() if isinstance(m, QuantAct))
-    assert [m.granq_fn for m in student.modules() if isinstance(m, QuantAct)] == functions
+    assert [m.quantizer for m in student.modules() if isinstance(m, QuantAct)] == quantizers
 
 
 @pytest.mark.parametrize("act_mode", ["channel", "layerwise", "granq"])
 def test_unquantized_inputs_need_no_tracked_ranges(act_mode):
     # At start-up the ranges of a tracked mode are still empty; the check must not read them.
-    student = quantize_model(tiny_net(), 4, 4, act_mode=act_mode, granq_impl="eager").eval()
+    student = quantize_model(tiny_net(), StudentSpec.of(4, 4, mode=act_mode, impl="eager")).eval()
     set_act_tracking(student, False)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     first_conv = next(name for name, m in student.named_modules() if isinstance(m, nn.Conv2d))
@@ -152,7 +182,7 @@ def test_unquantized_inputs_need_no_tracked_ranges(act_mode):
 
 def test_conv_subclasses_keep_their_forward():
     model = nn.Sequential(MaskedConv(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
-    student = quantize_model(model, 4, 4, granq_impl="eager")
+    student = quantize_model(model, StudentSpec.of(4, 4, impl="eager"))
     assert type(student[0]) is MaskedConv and isinstance(student[3], QuantConv2d)
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
@@ -161,7 +191,7 @@ def test_conv_subclasses_keep_their_forward():
 
 @pytest.mark.parametrize("act_mode", ["layerwise", "granq"])
 def test_shared_act_quantizers_counts_calls_and_leaves_the_student_unchanged(act_mode):
-    student = quantize_model(reused_relu_net(), 4, 4, act_mode=act_mode, granq_impl="eager")
+    student = quantize_model(reused_relu_net(), StudentSpec.of(4, 4, mode=act_mode, impl="eager"))
     student.train()
     before = {k: v.clone() for k, v in student.state_dict().items()}
     assert shared_act_quantizers(student, torch.randn(1, 3, 8, 8)) == {"relu.1": 2}
@@ -172,8 +202,8 @@ def test_shared_act_quantizers_counts_calls_and_leaves_the_student_unchanged(act
 def test_torchvision_resnet_blocks_share_one_relu_quantizer():
     import torchvision
 
-    student = quantize_model(torchvision.models.resnet18(weights=None), 4, 4, act_mode="layerwise",
-                             granq_impl="eager")
+    student = quantize_model(torchvision.models.resnet18(weights=None), StudentSpec.of(4, 4, mode="layerwise",
+                                                                                        impl="eager"))
     shared = shared_act_quantizers(student, torch.randn(1, 3, 64, 64))
     assert shared == {f"layer{i}.{j}.relu.1": 2 for i in range(1, 5) for j in range(2)}
 

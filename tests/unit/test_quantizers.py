@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from quantization_utils import (
+    ActQuant,
     QuantAct,
     channel_fake_quant,
     channel_loop_fake_quant,
@@ -190,7 +191,7 @@ def test_each_sample_has_its_own_channel_range():
         [[[0.0, 2.0, 4.0, 6.0]], [[-1.0, 0.0, 1.0, 2.0]]],
     ])
     assert torch.equal(granq_fake_quant(x, 2), expected)
-    assert torch.equal(QuantAct(2, "granq", granq_impl="eager")(x), expected)
+    assert torch.equal(QuantAct(ActQuant(2, "granq", impl="eager"))(x), expected)
     # One range per channel over the batch gives other values: channel 0 of sample 0 on the grid of [0, 6].
     lo, hi = x.amin(dim=(0, 2, 3), keepdim=True), x.amax(dim=(0, 2, 3), keepdim=True)
     per_channel = torch.from_numpy(reference_fake_quant(x.numpy(), lo.numpy(), hi.numpy(), 2))

@@ -42,7 +42,7 @@ def test_rebuilt_student_gives_identical_outputs(tmp_path, conf, sets):
     conv = next(m for m in student.modules() if isinstance(m, QuantConv2d))
     act = next(m for m in student.modules() if isinstance(m, QuantAct))
     options = trainer.options
-    assert (conv.weight_bits, conv.weight_granularity, act.bits, act.mode) == (
+    assert (conv.weight_bits, conv.weight_granularity, act.quant.bits, act.quant.mode) == (
         options.qw, options.weight_granularity, options.qa, options.act_mode)
     # Evaluation must not move layer-wise ranges: they are frozen after loading.
     assert not act.tracking

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from utils.sweeps.cells import Cell
-from utils.sweeps.reproduce import main
+from utils.sweeps.reproduce_cli import main
 from utils.sweeps.slurm import JOBS_FILE, CellJob, cell_status, parse_time, slurm_settings, torchrun_env
 from utils.system.errors import UserError
 

@@ -17,7 +17,7 @@ from ..conftest import CIFAR10_CONF
 
 
 def make_trainer(tmp_path, *sets, seed=0):
-    options = load_options(CIFAR10_CONF, ["batchSize=6", "iters_per_epoch=2", "warmup_epochs=0", "granq_impl=eager",
+    options = load_options(CIFAR10_CONF, ["batchSize=6", "iters_per_epoch=2", "warmup_epochs=0", "quant_impl=eager",
                                           *sets])
     torch.manual_seed(seed)
     teacher, _ = build_teacher(options.network, "random")

@@ -34,7 +34,7 @@ MODES = {
 
 def fresh_trainer(tmp_path, *sets):
     options = load_options(CIFAR10_CONF, ["batchSize=4", "iters_per_epoch=4", "nEpochs=2", "warmup_epochs=1",
-                                          "act_range_epochs=1", "granq_impl=eager", "teacher_weights=random", *sets])
+                                          "act_range_epochs=1", "quant_impl=eager", "teacher_weights=random", *sets])
     torch.manual_seed(0)
     teacher, _ = build_teacher(options.network, "random")
     return Trainer(options, teacher, None, CPU, str(tmp_path), {"id": 0, "seed": 1})

@@ -2,7 +2,7 @@
 safetensors file (:mod:`.codes`, :mod:`.packed`, with :func:`load_packed` to rebuild the student), the student
 as an ONNX model that onnxruntime runs (:mod:`.onnx_modules`, :mod:`.onnx_export`), their evaluation on the
 run's test set (:mod:`.runtime`). ``tools/export.py``'s command line, which reads the run's config, is
-:mod:`utils.runs.export`. This package imports ``quantization_utils`` and the packages below it (``system``,
+:mod:`utils.runs.export_cli`. This package imports ``quantization_utils`` and the packages below it (``system``,
 ``models``, ``data``, ``training``), never ``runs`` or ``sweeps``; ``onnx``, ``onnxruntime``, ``onnxscript`` and
 ``safetensors`` are imported only where a file of theirs is written or read.
 """

@@ -3,14 +3,16 @@
 :func:`export_onnx` traces :func:`.onnx_modules.deploy_model` with ``torch.onnx.export`` (the torch.export
 based exporter; its graph optimiser keeps ``QuantizeLinear`` and ``DequantizeLinear`` as they are), turns the
 int8 codes and zero points of ``qw`` <= 4 into INT4 initializers, and writes what a runtime needs to know
-into ``metadata_props`` (:data:`METADATA_KEYS`):
+into ``metadata_props`` (:func:`onnx_metadata`):
 
 - ``normalize_mean``, ``normalize_std``: JSON lists, the normalisation the input must have;
-- ``input_size``: the height and width of the input (int); ``act_mode``, ``qw``, ``qa``,
-  ``weight_granularity``, ``network``, ``dataset``: the run's;
-- ``deploys_as``: ``QDQ`` for frozen activation ranges (``layerwise``, ``channel``), and for GranQ
-  :data:`GRANQ_DEPLOYMENT`: its ranges vary along the input channels a convolution sums over, so no integer
-  convolution can take them, and the convolution runs on dequantized values;
+- ``input_size``: the height and width of the input (int);
+- the student's spec, network and dataset (:func:`.common.student_metadata`: ``qw``, ``qa``, ``act_mode``,
+  ``weight_granularity``, ...), the run's;
+- ``deploys_as`` (:func:`.onnx_modules.deployment`): ``QDQ`` for frozen activation ranges (``layerwise``,
+  ``channel``), and for GranQ :data:`~.onnx_modules.GRANQ_DEPLOYMENT`: its ranges vary along the input channels
+  a convolution sums over, so no integer convolution can take them, and the convolution runs on dequantized
+  values;
 - ``options`` (the run's options as JSON, from which ``--eval`` finds the test set) and ``source`` (JSON: the
   run file the student came from, its ``epoch``, the ``top1`` it records for the PyTorch student, ``meta``).
 """
@@ -27,15 +29,12 @@ import torch.nn as nn
 from ..data.loaders import eval_transform
 from ..system.errors import UserError
 from ..system.files import atomic_write_bytes
-from .common import require
-from .onnx_modules import TRANSLATIONS, deploy_model
+from .common import require, student_metadata
+from .onnx_modules import TRANSLATIONS, deploy_model, deployment
 
-__all__ = ["GRANQ_DEPLOYMENT", "METADATA_KEYS", "OPSET", "export_onnx", "input_size", "onnx_metadata"]
+__all__ = ["OPSET", "export_onnx", "input_size", "onnx_metadata"]
 
 OPSET = 21
-GRANQ_DEPLOYMENT = "integer weights, dynamic per-(sample, channel) activations, float convolution"
-METADATA_KEYS = ("normalize_mean", "normalize_std", "input_size", "act_mode", "qw", "qa", "weight_granularity",
-                 "network", "dataset", "deploys_as")
 EXAMPLE_BATCH = 2  # torch.export specialises a dimension of size 1; the batch stays dynamic
 
 
@@ -114,13 +113,8 @@ def onnx_metadata(options, source: dict | None = None) -> dict[str, str]:
         "normalize_mean": json.dumps(list(preset.mean)),
         "normalize_std": json.dumps(list(preset.std)),
         "input_size": str(input_size(options)),
-        "act_mode": options.act_mode,
-        "qw": str(options.qw),
-        "qa": str(options.qa),
-        "weight_granularity": options.weight_granularity,
-        "network": options.network,
-        "dataset": options.dataset,
-        "deploys_as": GRANQ_DEPLOYMENT if options.act_mode == "granq" else "QDQ",
+        **student_metadata(options.student_spec(), options.network, options.dataset),
+        "deploys_as": deployment(options.act_mode),
         "options": json.dumps(options.to_dict()),
         "source": json.dumps(source or {}),
     }

@@ -10,11 +10,12 @@
   zero point lies outside the type's range (a kernel whose values all have one sign) moves with its codes
   towards it, as far as they fit, and keeps the part that still does not fit as an integer ``remainder``,
   dequantized with the same scale and subtracted;
-- each GranQ QuantAct by :class:`GranQDeploy`: the (min, max) of each (sample, channel) over H and W
+- each QuantAct by the ONNX form of its quantizer's class (:data:`ONNX_FORMS`, beside the registry
+  ``ACT_QUANTIZERS``): GranQ by :class:`GranQDeploy`, the (min, max) of each (sample, channel) over H and W
   (ReduceMin, ReduceMax), then the project's formula (:func:`quantization_utils.quant_params`,
-  :func:`quantization_utils.fake_quantize`) in standard operators;
-- each layer-wise or channel QuantAct by :class:`RangeDeploy`: its frozen range as constant
-  ``Clip``/``QuantizeLinear``/``DequantizeLinear`` (per tensor, or per channel along axis 1).
+  :func:`quantization_utils.fake_quantize`) in standard operators; a layer-wise or channel range by
+  :class:`RangeDeploy`, its frozen range as constant ``Clip``/``QuantizeLinear``/``DequantizeLinear`` (per
+  tensor, or per channel along axis 1). A quantizer without an entry has no ONNX form.
 
 ONNX multiplies by ``1 / scale`` where the student divides by ``scale``, so values can differ in the last bit;
 the ``granq_export`` operators are custom torch operators whose ONNX form :data:`TRANSLATIONS` gives.
@@ -23,35 +24,30 @@ the ``granq_export`` operators are custom torch operators whose ONNX form :data:
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quantization_utils import QuantAct, QuantConv2d, QuantLinear, fake_quantize, quant_params
+from quantization_utils import ACT_QUANTIZERS, QuantAct, QuantConv2d, QuantLinear, fake_quantize, quant_params
+from quantization_utils.act_quantizers import ChannelRange, GranQ, LayerwiseRange
 
 from ..system.errors import UserError
 from .codes import QuantizedWeight, quantize_weight
 
-__all__ = ["DEPLOYABLE_ACT_MODES", "DeployConv2d", "DeployLinear", "GranQDeploy", "RangeDeploy", "TRANSLATIONS",
-           "deploy_model", "integer_range"]
+__all__ = ["GRANQ_DEPLOYMENT", "ONNX_FORMS", "DeployConv2d", "DeployLinear", "GranQDeploy", "OnnxForm", "RangeDeploy",
+           "TRANSLATIONS", "deploy_model", "deployment", "onnx_act_modes"]
 
-DEPLOYABLE_ACT_MODES = ("granq", "layerwise", "channel")
-
-
+GRANQ_DEPLOYMENT = "integer weights, dynamic per-(sample, channel) activations, float convolution"
 # (range, torch dtype of the buffer) of INT4, INT8, INT16; INT4 is stored as int8 until the graph is written.
 INTEGER_TYPES = (((-8, 7), torch.int8), ((-128, 127), torch.int8), ((-(2**15), 2**15 - 1), torch.int16))
 
 
-def integer_range(bits: int) -> tuple[int, int]:
-    """The range of the ONNX integer type of ``bits``-bit codes: INT4 up to 4 bits, INT8 above."""
-    return INTEGER_TYPES[0][0] if bits <= 4 else INTEGER_TYPES[1][0]
-
-
 def _codes_type(bits: int, codes: torch.Tensor) -> tuple[tuple[int, int], torch.dtype]:
-    """The type of :func:`integer_range`, or the next wider one for a layer with a row of ``2**bits + 1`` codes
-    that do not fit it (:mod:`.codes`)."""
+    """The ONNX integer type of ``bits``-bit codes (INT4 up to 4 bits, INT8 above), or the next wider one for a
+    layer with a row of ``2**bits + 1`` codes that do not fit it (:mod:`.codes`)."""
     first = 0 if bits <= 4 else 1
     for (low, high), dtype in INTEGER_TYPES[first:]:
         if codes.numel() == 0 or (codes.min() >= low and codes.max() <= high):
@@ -217,8 +213,8 @@ class RangeDeploy(nn.Module):
         super().__init__()
         if act.x_min.numel() == 0:
             raise UserError("a channel-wise activation quantizer of the student has no ranges (never calibrated)")
-        scale, zero_point = quant_params(act.x_min.float(), act.x_max.float(), act.bits)
-        half = 2 ** (act.bits - 1)
+        scale, zero_point = quant_params(act.x_min.float(), act.x_max.float(), act.quant.bits)
+        half = 2 ** (act.quant.bits - 1)
         # UINT8 codes q + 2**(b-1), zero point 2**(b-1) - zp (0 for a range from 0): the activations' type that
         # runtimes fuse (onnxruntime's QDQ passes expect it); int16 where a range lies away from 0.
         unsigned = (half - zero_point).to(torch.int64)
@@ -237,6 +233,38 @@ class RangeDeploy(nn.Module):
         return torch.ops.granq_export.quantize_range(x, self.scale, self.zero_point, low, high)
 
 
+@dataclass(frozen=True)
+class OnnxForm:
+    """How the QuantActs of one quantizer class appear in the ONNX graph: ``deploy(act)``, the module that computes
+    as the graph does, and ``deploys_as``, what the model's metadata says of the activations."""
+
+    deploy: Callable[[QuantAct], nn.Module]
+    deploys_as: str
+
+
+# The ONNX form of each activation quantizer class of ACT_QUANTIZERS that has one. Looked up by the exact class:
+# a subclass computes something else.
+ONNX_FORMS = {
+    GranQ: OnnxForm(lambda act: GranQDeploy(act.quant.bits), GRANQ_DEPLOYMENT),
+    LayerwiseRange: OnnxForm(RangeDeploy, "QDQ"),
+    ChannelRange: OnnxForm(RangeDeploy, "QDQ"),
+}
+
+
+def onnx_act_modes() -> list[str]:
+    """The registered ``act_mode`` names whose quantizer has an ONNX form."""
+    return [name for name in ACT_QUANTIZERS if ACT_QUANTIZERS[name] in ONNX_FORMS]
+
+
+def deployment(act_mode: str) -> str:
+    """What the ONNX model of a student whose activations ``act_mode`` quantizes deploys as (:class:`OnnxForm`)."""
+    form = ONNX_FORMS.get(ACT_QUANTIZERS[act_mode])
+    if form is None:
+        raise UserError(f"act_mode {act_mode!r} has no ONNX form; the quantizers with one: "
+                        f"{', '.join(onnx_act_modes())}")
+    return form.deploys_as
+
+
 def _deploy_children(module: nn.Module, prefix: str) -> None:
     for name, child in module.named_children():
         path = prefix + name
@@ -248,10 +276,11 @@ def _deploy_children(module: nn.Module, prefix: str) -> None:
             raise UserError(f"layer {path} ({type(child).__name__}) is a quantized layer the ONNX exporter does not "
                             f"know; it knows QuantConv2d and QuantLinear")
         elif isinstance(child, QuantAct):
-            if child.mode not in DEPLOYABLE_ACT_MODES:
-                raise UserError(f"act_mode {child.mode!r} (layer {path}) has no ONNX form; the exporter knows "
-                                f"{', '.join(DEPLOYABLE_ACT_MODES)}")
-            replacement = GranQDeploy(child.bits) if child.mode == "granq" else RangeDeploy(child)
+            form = ONNX_FORMS.get(type(child.quantizer))
+            if form is None:
+                raise UserError(f"act_mode {child.quant.mode!r} (layer {path}) has no ONNX form; the quantizers with "
+                                f"one: {', '.join(onnx_act_modes())}")
+            replacement = form.deploy(child)
         else:
             _deploy_children(child, path + ".")
             continue

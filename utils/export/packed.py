@@ -10,9 +10,10 @@ The quantized layers (QuantConv2d, QuantLinear) share three tensors, each layer'
   one sign, whose grid then lies away from 0).
 
 Every other entry of the student's state dict (BatchNorm, biases, layers left in float, tracked activation
-ranges) is stored as it is, under its own name. The metadata holds ``format``, the run's ``options`` (JSON),
-the student keys (``qw``, ``qa``, ``act_mode``, ``weight_granularity``, ``network``, ``dataset``), ``source``
-(JSON: the run file it came from, its ``epoch``, ``top1`` and ``meta``) and ``layers``: per quantized layer,
+ranges) is stored as it is, under its own name. The metadata holds ``format``, the run's ``options`` (JSON), the
+student's spec, network and dataset (:func:`.common.student_metadata`: ``qw``, ``qa``, ``act_mode``,
+``weight_granularity``, ...), ``source`` (JSON: the run file it came from, its ``epoch``, ``top1`` and
+``meta``) and ``layers``: per quantized layer,
 in the order of its parts, its weight's ``shape``, ``bits``, ``rows`` (ranges), ``zero_point_min``,
 ``zero_point_bits`` and, where there are any, ``overflow``: the [flat index, code] of the rare codes beyond
 the ``qw``-bit range (:mod:`.codes`), stored clamped in ``codes``. A layer's parts take ``ceil(numel * bits /
@@ -34,6 +35,8 @@ import os
 import torch
 import torch.nn as nn
 
+from quantization_utils import StudentSpec
+
 from ..system.files import atomic_write_bytes
 from ..training.checkpoints import RunFileError
 from .codes import (
@@ -46,7 +49,7 @@ from .codes import (
     quantized_layers,
     unpack_bits,
 )
-from .common import build_student, require
+from .common import build_student, require, student_metadata
 
 __all__ = ["PACKED_FORMAT", "load_packed", "pack_student", "packed_options", "packed_source", "read_packed",
            "save_packed", "weights_on_grid"]
@@ -54,7 +57,6 @@ __all__ = ["PACKED_FORMAT", "load_packed", "pack_student", "packed_options", "pa
 PACKED_FORMAT = "granq-packed-1"
 PARTS = ("codes", "scales", "zero_points")
 PART_DTYPES = {"codes": torch.uint8, "scales": torch.float32, "zero_points": torch.uint8}
-STUDENT_FIELDS = ("qw", "qa", "act_mode", "weight_granularity", "network", "dataset")
 
 
 def pack_student(student: nn.Module, options: dict, source: dict | None = None) -> tuple[dict, dict]:
@@ -86,7 +88,7 @@ def pack_student(student: nn.Module, options: dict, source: dict | None = None) 
     compact = {"separators": (",", ":")}
     metadata = {"format": PACKED_FORMAT, "options": json.dumps(options, **compact),
                 "source": json.dumps(source or {}, **compact), "layers": json.dumps(table, **compact)}
-    metadata.update({key: str(options.get(key)) for key in STUDENT_FIELDS})
+    metadata.update(student_metadata(StudentSpec.from_dict(options), options.get("network"), options.get("dataset")))
     return tensors, metadata
 
 
@@ -169,7 +171,8 @@ def load_packed(path: str) -> nn.Module:
     try:
         layers = json.loads(metadata["layers"])
         state = {key: value for key, value in tensors.items() if not key.startswith("quantized.")}
-        state.update(_unpacked_weights(tensors, layers, options["weight_granularity"]))
+        granularity = StudentSpec.from_dict(options).weight.granularity
+        state.update(_unpacked_weights(tensors, layers, granularity))
     except (KeyError, ValueError, RuntimeError) as error:
         raise RunFileError(f"{path!r}: the packed weights are incomplete or damaged ({error})") from None
     student = build_student(options, state, path)

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn as nn
 
-from quantization_utils import granq_path
+from quantization_utils import quant_path
 
 from ..data.loaders import build_test_loader
 from ..data.workers import close_workers
@@ -26,12 +26,11 @@ from ..training.evaluate import evaluate
 from .common import require
 from .packed import load_packed, packed_options, packed_source, read_packed
 
-__all__ = ["EXPORTED_SUFFIXES", "compare_on_test_set", "evaluate_exported", "exported_options", "onnx_logits",
-           "onnx_session", "read_onnx_metadata"]
+__all__ = ["EXPORTED_SUFFIXES", "compare_on_test_set", "evaluate_exported", "evaluation_summary", "exported_options",
+           "onnx_logits", "onnx_session", "read_onnx_metadata"]
 
 logger = logging.getLogger("granq")
 EXPORTED_SUFFIXES = (".onnx", ".safetensors")
-SUMMARY_KEYS = ("network", "dataset", "qw", "qa", "act_mode", "weight_granularity")
 
 
 def onnx_session(path: str, threads: int | None = None):
@@ -96,13 +95,37 @@ def _onnx_accuracy(session, loader) -> tuple[float, float]:
     return 100.0 * hits[0].item() / total, 100.0 * hits[1].item() / total
 
 
+def evaluation_summary(options, accuracy: tuple[float, float], recorded_top1: float | None, source: dict, device,
+                       backends: dict, path_taken: str) -> dict:
+    """What ``--eval`` gives of a student of ``options``: its top-1 and top-5 (``accuracy``) beside the top-1 its
+    file records, the network, the student's spec (:meth:`~quantization_utils.StudentSpec.to_dict`), the file's
+    ``epoch`` and seed (``source``: the run file's record or an exported file's source, with ``file``, the file
+    evaluated), the test set, the device, its backend flags and which quantizers ran (``path_taken``, recorded as
+    ``quant_path``)."""
+    return {
+        "student_top1": accuracy[0],
+        "student_top5": accuracy[1],
+        "recorded_top1": recorded_top1,
+        "network": options.network,
+        "dataset": options.dataset,
+        **options.student_spec().to_dict(),
+        "epoch": source.get("epoch"),
+        "checkpoint": os.path.abspath(source["file"]),
+        "seed": source.get("meta", {}).get("seed"),
+        "dataPath": options.dataPath,
+        "device": str(device),
+        **backends,
+        "quant_path": path_taken,
+    }
+
+
 def evaluate_exported(path: str, options, device: torch.device | str | None = None) -> dict:
     """Top-1/top-5 of an exported student on the test set of ``options`` (the file's options, with overrides).
 
     ``.onnx``: onnxruntime on the CPU. ``.safetensors``: :func:`.packed.load_packed` in PyTorch, on ``device``
     (default: GPU ``GPU`` where CUDA is available, else the CPU), as ``--eval`` of a run. The summary has the
-    keys of :func:`utils.runs.saved.evaluate_saved`'s, ``recorded_top1`` being the top-1 the run file recorded
-    for the PyTorch student, and ``runtime``.
+    keys of :func:`evaluation_summary`, ``recorded_top1`` being the top-1 the run file recorded for the PyTorch
+    student, and ``runtime``.
     """
     if not path.endswith(EXPORTED_SUFFIXES):
         raise UserError(f"{path!r} is not an exported student ({', '.join(EXPORTED_SUFFIXES)})")
@@ -124,23 +147,11 @@ def evaluate_exported(path: str, options, device: torch.device | str | None = No
         top1, top5 = _onnx_accuracy(model, loader) if impl else evaluate(model.to(device), loader, device)
     finally:
         close_workers(loader)
-    summary = {
-        "student_top1": top1,
-        "student_top5": top5,
-        "recorded_top1": source.get("top1"),
-        **{key: getattr(options, key) for key in SUMMARY_KEYS},
-        "epoch": source.get("epoch"),
-        "checkpoint": os.path.abspath(path),
-        "seed": source.get("meta", {}).get("seed"),
-        "dataPath": options.dataPath,
-        "device": str(device),
-        **backends,
-        "granq_path": impl or granq_path(options.granq_impl),
-        "runtime": runtime,
-    }
+    summary = evaluation_summary(options, (top1, top5), source.get("top1"), {**source, "file": path}, device,
+                                 backends, impl or quant_path(options.quant_impl))
     logger.info("exported student %s (%s W%dA%d %s/%s, %s): top-1 %.2f%%, top-5 %.2f%%", path, options.network,
                 options.qw, options.qa, options.act_mode, options.weight_granularity, runtime, top1, top5)
-    return summary
+    return {**summary, "runtime": runtime}
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 ``registry`` resolves a name (a registered model, pytorchcv, ``torchvision:NAME`` or ``MODULE:FUNCTION``) to a
 :class:`ModelSpec`; ``resnet_a`` registers ``resnet20a_cifar10``; ``teachers`` builds a teacher with its weights
-and checks it. This package imports only :mod:`utils.system` (and ``quantization_utils`` never imports it).
+and checks it. This package imports only :mod:`utils.system` and the registry class of ``quantization_utils``
+(which never imports it).
 """
 
 from . import resnet_a  # noqa: F401  (registers resnet20a_cifar10)

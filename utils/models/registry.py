@@ -22,11 +22,13 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
+from quantization_utils.registry import Registry
+
 from ..system.errors import UserError
 from ..system.locks import fetching
 
-__all__ = ["EvalTransform", "IMAGENET_CROP_RATIO", "MODEL_CACHE", "ModelSpec", "download_to_cache", "get_model_spec",
-           "model_names", "register_model"]
+__all__ = ["EvalTransform", "IMAGENET_CROP_RATIO", "MODELS", "MODEL_CACHE", "ModelSpec", "download_to_cache",
+           "get_model_spec", "model_names", "register_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,8 @@ class ModelSpec:
     ignored_keys: tuple[str, ...] = ()  # prefixes of weight-file keys the built model lacks (auxiliary heads)
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
+# name -> the ModelSpec of a builder registered with register_model
+MODELS = Registry("model", docstring="what it builds and where it comes from")
 TORCHVISION_PREFIX = "torchvision:"
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 IMAGENET_CROP_RATIO = 0.875  # 224 / 256: the crop's share of the resized shorter side
@@ -68,28 +71,22 @@ IMAGENET_CROP_RATIO = 0.875  # 224 / 256: the crop's share of the resized shorte
 
 def register_model(name: str, dataset: str, num_classes: int, image_size: int,
                    fetch_published: Callable[[], str]):
-    """Decorator registering a zero-argument builder under ``name``."""
-
-    def decorator(build: Callable[[], nn.Module]):
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelSpec(name, dataset, num_classes, image_size, build, fetch_published)
-        return build
-
-    return decorator
+    """Decorator registering a zero-argument builder under ``name``; its docstring must say what it builds."""
+    return MODELS.register(name, lambda build: ModelSpec(name, dataset, num_classes, image_size, build,
+                                                         fetch_published))
 
 
 def model_names() -> list[str]:
     """The models registered here by name; pytorchcv, torchvision and user models are resolved on demand."""
-    return sorted(_REGISTRY)
+    return sorted(MODELS)
 
 
 def get_model_spec(name: str) -> ModelSpec:
     """The spec of ``name``: a registered model, a pytorchcv classification model (``resnet56_cifar100``),
     ``torchvision:NAME`` (``torchvision:resnet18``) or ``MODULE:FUNCTION`` (a user's function that returns
     an ``nn.Module``). Nothing is built; a user's module is imported. Raises UserError for an unknown name."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    if name in MODELS:
+        return MODELS[name]
     if name.startswith(TORCHVISION_PREFIX):
         return _torchvision_spec(name[len(TORCHVISION_PREFIX):])
     if ":" in name:

@@ -72,5 +72,6 @@ def _fetch_resnet20a() -> str:
 
 @register_model("resnet20a_cifar10", "cifar10", 10, 32, _fetch_resnet20a)
 def resnet20a_cifar10() -> nn.Module:
+    """The option-A ResNet-20 for CIFAR-10, with the key layout of akamaster/pytorch_resnet_cifar10's weights."""
     return ResNet20A(num_classes=10)
 

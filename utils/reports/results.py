@@ -43,13 +43,15 @@ BASELINE_VARIANT = "baseline"  # the variant the others are compared with in var
 STANDARD_BITS = ((3, 3), (4, 4), (5, 5))
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.hocon"  # the run's resolved options, beside its summary
+# The fields of a summary that the rows and the tables show: every summary.json of this project has them.
+SHOWN = ("dataset", "network", "qw", "qa", "act_mode", "weight_granularity")
 # Options that place or name a run, or change its speed or random stream but not its method, and those the
 # rows and tables already show. Runs of one cell that differ in any other option (a schedule, a loss weight, a batch
-# size) are kept apart, each in a table that names its value, rather than averaged as seeds.
+# size) are kept apart, each in a table that names its value, rather than averaged as seeds. granq_impl is the
+# former name of quant_impl, in the config.hocon of runs made under it.
 NOT_SETTINGS = frozenset({"save_path", "dataPath", "experimentID", "GPU", "nGPU", "visible_devices", "nThreads",
-                          "granq_impl", "deterministic", "log_interval", "tensorboard", "test_batch_size",
-                          "teacher_weights", "dataset", "network", "nClasses", "qw", "qa", "act_mode",
-                          "weight_granularity", "nEpochs", "iters_per_epoch"})
+                          "quant_impl", "granq_impl", "deterministic", "log_interval", "tensorboard", "test_batch_size",
+                          "teacher_weights", "nClasses", "nEpochs", "iters_per_epoch", *SHOWN})
 
 ACT_MODE_TEXT = {"granq": "one range per (sample, channel), GranQ", "layerwise": "one range per layer, GDFQ family",
                  "channel": "one range per channel, shared by all samples"}
@@ -86,7 +88,7 @@ def load_summaries(paths) -> list[dict]:
                 summary = json.load(f)
         except ValueError as error:
             raise UserError(f"{file} is not valid JSON ({error})") from None
-        missing = [k for k in ("dataset", "network", "qw", "qa", "act_mode", "weight_granularity") if k not in summary]
+        missing = [k for k in SHOWN if k not in summary]
         if missing:
             raise UserError(f"{file} lacks {', '.join(missing)}: is it a summary.json of this project?")
         summaries.append({**summary, "summary_path": file, "options": _run_options(file)})

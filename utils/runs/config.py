@@ -10,14 +10,16 @@ and checked when the teacher is built. A user's ``MODULE:FUNCTION`` model takes 
 """
 
 import dataclasses
+import functools
 import json
+import logging
 import os
 import typing
 from dataclasses import dataclass, field
 
 from pyhocon import ConfigFactory, HOCONConverter
 
-from quantization_utils import ACT_TYPES, DEFAULT_ACT_TYPES, GRANQ_IMPLS, act_quantizer_names
+from quantization_utils import ACT_TYPES, DEFAULT_ACT_TYPES, QUANT_IMPLS, StudentSpec, act_quantizer_names
 from quantization_utils.functional import MAX_BITS, MIN_BITS, WEIGHT_GRANULARITIES
 
 from ..data.eval_cache import EVAL_CACHE_MODES
@@ -28,8 +30,8 @@ from ..training.losses import GENERATOR_LOSSES, input_filter_names, student_loss
 from ..training.optim import LR_POLICIES
 from ..training.pools import check_pool_options
 
-__all__ = ["DATASET_CLASSES", "GENERATORS", "LEGACY_KEYS", "Options", "RECIPES_DIR",
-           "load_options", "load_recipe", "parse_override", "recipe_names"]
+__all__ = ["DATASET_CLASSES", "GENERATORS", "LEGACY_KEYS", "Options", "RECIPES_DIR", "RENAMED_KEYS", "load_options",
+           "load_recipe", "parse_override", "recipe_names"]
 
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 GENERATORS = ("label_embedding", "conditional_bn")
@@ -45,6 +47,8 @@ LEGACY_KEYS = {
     "fd_temperature": "the feature-distillation loss it belongs to is never used by the official code; the "
                       "attention term of student_losses reads attention_temperature",
 }
+# Former name -> name of keys that were renamed; the former one is still read, with one warning.
+RENAMED_KEYS = {"granq_impl": "quant_impl"}
 
 
 @dataclass
@@ -85,7 +89,7 @@ class Options:
     act_mode: str = "granq"
     weight_granularity: str = "kernel"
     act_range_epochs: int = 4  # layerwise / channel ranges are tracked during these first epochs, then frozen
-    granq_impl: str = "auto"  # auto: compiled where torch.compile works, else eager
+    quant_impl: str = "auto"  # of the quantizers; auto: compiled where torch.compile works, else eager
     act_types: list[str] = field(default_factory=lambda: list(DEFAULT_ACT_TYPES))  # activations followed by a QuantAct
     # Generator losses
     generator_loss: str = "adadfq"  # adadfq (GranQ's: marginal + beta * onehot + gamma * bns) | gdfq (CE + gamma * bns)
@@ -167,7 +171,7 @@ class Options:
         for net in NETWORKS:
             _choice(self, f"lrPolicy_{net}", LR_POLICIES)
         _choice(self, "opt_type", OPTIMIZERS)
-        _choice(self, "granq_impl", GRANQ_IMPLS)
+        _choice(self, "quant_impl", QUANT_IMPLS)
         _choice(self, "cuda_graph", CUDA_GRAPH_MODES)
         _choice(self, "generator_loss", tuple(GENERATOR_LOSSES))
         if self.generator:
@@ -263,6 +267,11 @@ class Options:
             return self.generator
         return "conditional_bn" if self.dataset == "imagenet" else "label_embedding"
 
+    def student_spec(self) -> StudentSpec:
+        """The student these options train: bit-widths, quantizers, implementation and ``act_types``."""
+        return StudentSpec.of(self.qw, self.qa, mode=self.act_mode, granularity=self.weight_granularity,
+                              impl=self.quant_impl, act_types=self.act_types)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -315,6 +324,19 @@ def _check_known(keys) -> None:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(sorted(VALID_KEYS))}")
 
 
+@functools.cache
+def _current_key(key: str) -> str:
+    """The current name of ``key``; a former one (:data:`RENAMED_KEYS`) warns, once per process."""
+    if key in RENAMED_KEYS:
+        logging.getLogger(__name__).warning("config key %s is deprecated: read as %s", key, RENAMED_KEYS[key])
+    return RENAMED_KEYS.get(key, key)
+
+
+def _current_keys(values: dict) -> dict:
+    """``values`` under the current names of renamed keys; where both names are given the current one wins."""
+    return {_current_key(key): value for key, value in sorted(values.items(), key=lambda kv: kv[0] not in RENAMED_KEYS)}
+
+
 def parse_override(text: str) -> tuple[str, object]:
     """Parse one ``key=value`` override; the value is read according to the key's type.
 
@@ -324,6 +346,7 @@ def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, raw = (part.strip() for part in text.split("=", 1))
+    key = _current_key(key)
     _check_known([key])
     kind = _FIELD_TYPES[key]
     if kind is str:
@@ -347,7 +370,7 @@ def _read_hocon(path: str, what: str) -> dict:
         raise ConfigError(f"{what} {path!r} does not exist") from None
     except Exception as error:  # pyhocon raises its own and pyparsing's exceptions
         raise ConfigError(f"{what} {path!r} cannot be parsed: {error}") from None
-    values = dict(tree.as_plain_ordered_dict())
+    values = _current_keys(dict(tree.as_plain_ordered_dict()))
     _check_known(values)
     return {key: _coerce(key, value) for key, value in values.items()}
 
@@ -401,5 +424,6 @@ def _network_defaults(values: dict) -> dict:
 
 def options_from_dict(values: dict) -> Options:
     """Rebuild validated options from :meth:`Options.to_dict` output (e.g. a checkpoint)."""
+    values = _current_keys(values)
     _check_known(values)
     return Options(**{key: _coerce(key, value) for key, value in values.items()}).validate()

@@ -24,8 +24,8 @@ import torch
 from quantization_utils import (
     QuantConv2d,
     QuantLinear,
-    granq_path,
     has_tracked_ranges,
+    quant_path,
     shared_act_quantizers,
     unquantized_inputs,
 )
@@ -43,8 +43,8 @@ from ..training.graphs import check_cuda_graph, use_cuda_graphs
 from ..training.losses import build_student_losses
 from ..training.pools import run_pool
 from ..training.trainer import Trainer
-from .config import LEGACY_KEYS, load_options, options_from_dict, parse_override
-from .saved import evaluate_saved
+from .config import LEGACY_KEYS, load_options, options_from_dict
+from .saved import evaluate_saved, saved_options
 
 __all__ = ["RESUME_KEYS", "Run", "build_parser", "main", "make_run_dir", "run", "setup"]
 
@@ -127,12 +127,8 @@ def _resume_options(args, checkpoint: dict):
     if args.conf_path:
         requested = load_options(args.conf_path, args.set, qw=args.qw, qa=args.qa)
     else:
-        values = saved.to_dict()
-        for text in args.set:
-            key, value = parse_override(text)
-            values[key] = value
-        values.update({key: value for key, value in (("qw", args.qw), ("qa", args.qa)) if value is not None})
-        requested = options_from_dict(values)
+        bits = [f"{key}={value}" for key, value in (("qw", args.qw), ("qa", args.qa)) if value is not None]
+        requested = saved_options(saved.to_dict(), [*args.set, *bits])
     changed = {k: (v, getattr(requested, k)) for k, v in saved.to_dict().items() if getattr(requested, k) != v}
     refused = {k: change for k, change in changed.items() if k not in RESUME_KEYS}
     if refused and not args.force:
@@ -247,7 +243,7 @@ def run(args) -> dict:
     try:
         summary = prepared.trainer.fit()
         # Known only once the quantizers have run: whether they ran compiled, and if not, why.
-        summary["granq_path"] = granq_path(prepared.trainer.options.granq_impl)
+        summary["quant_path"] = quant_path(prepared.trainer.options.quant_impl)
         if distributed.rank() == 0:
             plot_run(prepared.run_dir)
             save_run_file(summary, os.path.join(prepared.run_dir, "summary.json"), prepared.run_dir, atomic_save_json)

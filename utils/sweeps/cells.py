@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 from ..reports.results import SUMMARY_FILE
 from ..system.locks import CELL_LOCK, lock_fd
+from ..training.checkpoints import CHECKPOINT
 
 __all__ = ["CELL_LOG", "ROOT", "Cell", "cell_state", "last_line", "open_cell_log", "short_path", "start_run"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CHECKPOINT = "checkpoint.pt"  # as utils.training writes it; not imported, so that a dry run needs no trainer
 CELL_LOG = "cell.log"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 

@@ -114,14 +114,15 @@ def load_run_file(path: str, map_location="cpu", require=("options", "student"))
 
 
 def run_summary(trainer) -> dict:
-    """What ``summary.json`` records of ``trainer``'s run: accuracies, the student's settings, the metadata."""
+    """What ``summary.json`` records of ``trainer``'s run: accuracies, the student's spec (its dict's keys at the
+    top level), the network and the training length, the metadata."""
     o = trainer.options
     return {
         "teacher_top1": trainer.teacher_top1, "teacher_top5": trainer.teacher_top5,
         "student_top1": trainer.last_top1, "student_top5": trainer.last_top5,
         "best_top1": trainer.best_top1, "best_top5": trainer.best_top5, "epochs": trainer.epoch,
-        **{key: getattr(o, key) for key in ("qw", "qa", "act_mode", "weight_granularity", "network", "dataset",
-                                            "batchSize", "iters_per_epoch", "image_source")},
+        **o.student_spec().to_dict(), "network": o.network, "dataset": o.dataset, "batchSize": o.batchSize,
+        "iters_per_epoch": o.iters_per_epoch, "image_source": o.image_source,
         "world_size": distributed.world_size(),
         **trainer.meta,
         "seconds": round(trainer.elapsed, 3),

@@ -95,8 +95,7 @@ class Trainer:
 
     def build_student(self, teacher: nn.Module) -> nn.Module:
         """The fake-quantized copy of the teacher that training distils into (benchmarks override it)."""
-        o = self.options
-        return quantize_model(teacher, o.qw, o.qa, o.act_mode, o.weight_granularity, o.granq_impl, o.act_types)
+        return quantize_model(teacher, self.options.student_spec())
 
     def use_capturable(self, capturable: bool) -> None:
         """Optimizers (their state carried over) and progress value for iterations captured as a CUDA graph, or

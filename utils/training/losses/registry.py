@@ -36,18 +36,14 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from quantization_utils.registry import Registry
+
 from ...models import example_image
 from ...system.errors import UserError
 
 __all__ = ["INPUT_FILTERS", "STUDENT_LOSSES", "FeatureCapture", "MissingLayersError", "StudentBatch", "StudentLoss",
            "build_student_losses", "input_filter_names", "make_input_filter", "register_input_filter",
            "register_student_loss", "student_loss", "student_loss_names"]
-
-# name -> the registered function or StudentLoss subclass, in order of registration
-STUDENT_LOSSES: dict[str, object] = {}
-# name -> the registered filter function, in order of registration
-INPUT_FILTERS: dict[str, Callable] = {}
-
 
 @dataclass
 class StudentBatch:
@@ -87,6 +83,12 @@ class StudentLoss:
         raise NotImplementedError
 
 
+# name -> the registered function or StudentLoss subclass, in order of registration
+STUDENT_LOSSES = Registry("student loss term", StudentLoss, "its formula and its source")
+# name -> the registered filter function, in order of registration
+INPUT_FILTERS = Registry("input filter", docstring="its formula and its source")
+
+
 class _FunctionLoss(StudentLoss):
     """A registered function ``f(batch, options)``: no layers."""
 
@@ -98,52 +100,36 @@ class _FunctionLoss(StudentLoss):
         return self.fn(batch, self.options)
 
 
-def _register(registry: dict, kind: str, name: str, entry, base: type | None = None):
-    if name in registry:
-        raise ValueError(f"a {kind} named {name!r} is already registered")
-    if base is not None and inspect.isclass(entry) and not issubclass(entry, base):
-        raise TypeError(f"{kind} {name!r}: a class must subclass {base.__name__}")
-    if not callable(entry):
-        raise TypeError(f"{kind} {name!r}: expected a function" + (" or a class" if base else ""))
-    if not (entry.__doc__ or "").strip():
-        raise TypeError(f"{kind} {name!r} needs a docstring that states its formula and its source")
-    registry[name] = entry
-    return entry
-
-
 def register_student_loss(name: str):
     """Decorator registering a student loss term (a function ``f(batch, options)`` or a :class:`StudentLoss`
     subclass) under ``name``; its docstring must state the formula and the paper."""
-    return lambda entry: _register(STUDENT_LOSSES, "student loss term", name, entry, StudentLoss)
+    return STUDENT_LOSSES.register(name)
 
 
 def register_input_filter(name: str):
     """Decorator registering an input filter ``f(images, options) -> images`` under ``name``; its docstring
     must state the formula and the paper."""
-    return lambda entry: _register(INPUT_FILTERS, "input filter", name, entry)
+    return INPUT_FILTERS.register(name)
 
 
 def student_loss_names() -> tuple[str, ...]:
     """The registered ``student_losses`` entries, in order of registration."""
-    return tuple(STUDENT_LOSSES)
+    return STUDENT_LOSSES.names()
 
 
 def input_filter_names() -> tuple[str, ...]:
     """The registered ``student_input_filter`` values, in order of registration."""
-    return tuple(INPUT_FILTERS)
+    return INPUT_FILTERS.names()
 
 
 def make_input_filter(name: str) -> Callable:
-    """The filter registered as ``name``; ValueError listing the names if there is none."""
-    if name not in INPUT_FILTERS:
-        raise ValueError(f"student_input_filter must be one of {', '.join(INPUT_FILTERS)}; got {name!r}")
+    """The filter registered as ``name``; :class:`~quantization_utils.registry.UnknownNameError` listing the
+    names if there is none."""
     return INPUT_FILTERS[name]
 
 
 def _make_student_loss(name: str, options) -> StudentLoss:
-    entry = STUDENT_LOSSES.get(name)
-    if entry is None:
-        raise ValueError(f"student_losses entries must be among {', '.join(STUDENT_LOSSES)}; got {name!r}")
+    entry = STUDENT_LOSSES[name]
     return entry(options) if inspect.isclass(entry) else _FunctionLoss(entry, options)
 
 

@@ -1,6 +1,6 @@
 """Compiled GranQ values against eager, value by value, with and without Inductor's eager-numerics options.
 
-    python benchmarks/exactness_probe.py --device cpu|cuda [--quick] [--json PATH]
+    python checks/exactness_probe.py --device cpu|cuda [--quick] [--json PATH]
 
 For bits 2 to 8 it counts the values where the compiled :func:`~quantization_utils.functional.grouped_values`
 (compiled as :mod:`quantization_utils.fused` compiles it) differs from eager, on

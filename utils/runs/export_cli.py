@@ -6,7 +6,7 @@ the PyTorch student's.
         [--set dataPath=...] [--no-eval] [--measure-torch]
 
 The last line on stdout is a JSON object: ``paths`` and ``bytes`` of each file written (and ``bytes`` of
-the float state dict, ``float_state_dict``), ``deploys_as``, and after the test set ``onnxruntime_top1``,
+the float state dict, ``float_state_dict``), ``deploys_as`` (with onnx), and after the test set ``onnxruntime_top1``,
 ``torch_top1`` (``torch_top1_from``: ``recorded`` where the run recorded it on the CPU on this test set, else
 ``measured``; ``--measure-torch`` always measures it), ``test_images``, and the differences of the logits on
 ``compared_images`` images (the first 1000, all when measured): ``max_logit_difference``,
@@ -26,21 +26,20 @@ import torch
 from ..data.loaders import build_test_loader
 from ..data.workers import close_workers
 from ..export.common import build_student, require
-from ..export.onnx_export import GRANQ_DEPLOYMENT, export_onnx
-from ..export.onnx_modules import deploy_model
+from ..export.onnx_export import export_onnx
+from ..export.onnx_modules import deploy_model, deployment
 from ..export.packed import save_packed
 from ..export.runtime import compare_on_test_set, onnx_session
 from ..system.errors import UserError, report_errors
 from ..training.checkpoints import BEST_STUDENT, CHECKPOINT, load_run_file
-from .config import options_from_dict, parse_override
+from .config import parse_override
+from .saved import EVAL_KEYS, saved_options
 
-__all__ = ["EVAL_KEYS", "FILE_NAMES", "build_parser", "export", "main", "student_file"]
+__all__ = ["FILE_NAMES", "build_parser", "export", "main", "student_file"]
 
 logger = logging.getLogger("granq")
 FORMATS = ("packed", "onnx")
 FILE_NAMES = {"packed": "student.safetensors", "onnx": "student.onnx"}
-# What --set may change: where and how the test set is read, never the student.
-EVAL_KEYS = ("dataPath", "test_batch_size", "nThreads", "eval_cache")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,16 +76,6 @@ def student_file(source: str, which: str = "best") -> tuple[str, str]:
                     f"saves {BEST_STUDENT} at its first evaluation)")
 
 
-def _options(saved: dict, overrides):
-    values = dict(saved)
-    for text in overrides:
-        key, value = parse_override(text)
-        if key not in EVAL_KEYS:
-            raise UserError(f"--set {key}=...: the exporter may change only {', '.join(EVAL_KEYS)}")
-        values[key] = value
-    return options_from_dict(values)
-
-
 def _share(size: int, whole: int) -> str:
     return f"{size:,} bytes ({100.0 * size / whole:.1f} % of the float state dict's {whole:,})"
 
@@ -119,7 +108,7 @@ def export(args) -> dict:
         require(package)  # a missing package fails before anything is read or written
     file, run_dir = student_file(args.source, args.which)
     record = load_run_file(file)
-    options = _options(record["options"], args.set)
+    options = saved_options(record["options"], args.set, EVAL_KEYS, "the exporter")
     student = build_student(record["options"], record["student"], file)
     if "onnx" in args.formats:
         deploy_model(student)  # what ONNX cannot express fails here, before anything is written
@@ -137,7 +126,8 @@ def export(args) -> dict:
             size = export_onnx(student, options, path, source)
         summary["paths"][kind], summary["bytes"][kind] = os.path.abspath(path), size
         print(f"{FILE_NAMES[kind]}: {_share(size, float_bytes)}", flush=True)
-    summary["deploys_as"] = GRANQ_DEPLOYMENT if options.act_mode == "granq" else "QDQ"
+    if "onnx" in args.formats:
+        summary["deploys_as"] = deployment(options.act_mode)
     if "onnx" in args.formats and not args.no_eval:
         summary.update(_compare(student, options, summary["paths"]["onnx"], _recorded_top1(record, args)))
         if "torch_top1" in summary:

@@ -1,6 +1,6 @@
 """Graphed against eager training iterations, value by value, for every mode the CUDA graph must cover.
 
-    python benchmarks/graph_probe.py [--device cuda|cpu] [--modes ...] [--nondeterministic] [--json PATH]
+    python checks/graph_probe.py [--device cuda|cpu] [--modes ...] [--nondeterministic] [--json PATH]
 
 For each mode (the default loss, each add-on term of ``student_losses``, ``student_input_filter = lowpass``,
 ``act_mode = layerwise`` and ``channel``, their ranges tracked, then frozen, and training on a pool of synthetic images
@@ -121,8 +121,8 @@ FAULTS = {"repeated latents": (RepeatedLatents, "default"), "frozen learning rat
 
 
 def make_trainer(mode: str, device: torch.device, run_dir: str, deterministic: bool, batch: int,
-                 granq_impl: str = "auto") -> Trainer:
-    options = load_options(CIFAR10_CONF, [*BASE, *MODES[mode], f"batchSize={batch}", f"granq_impl={granq_impl}",
+                 quant_impl: str = "auto") -> Trainer:
+    options = load_options(CIFAR10_CONF, [*BASE, *MODES[mode], f"batchSize={batch}", f"quant_impl={quant_impl}",
                                           f"deterministic={str(deterministic).lower()}"])
     configure_backends(options.deterministic, device)
     torch.manual_seed(0)
@@ -131,7 +131,7 @@ def make_trainer(mode: str, device: torch.device, run_dir: str, deterministic: b
 
 
 def probe(mode: str, candidate, device, run_dir, args) -> dict:
-    trainer = make_trainer(mode, device, run_dir, not args.nondeterministic, args.batch, args.granq_impl)
+    trainer = make_trainer(mode, device, run_dir, not args.nondeterministic, args.batch, args.quant_impl)
     kinds = iteration_kinds(trainer)
     tolerance = TOLERANCE if args.nondeterministic else 0.0
     start = time.time()
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--nondeterministic", action="store_true",
                         help=f"deterministic = false: compare within the tolerance {TOLERANCE:g}")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--granq-impl", default="auto", choices=("auto", "eager", "compiled"))
+    parser.add_argument("--quant-impl", default="auto", choices=("auto", "eager", "compiled"))
     parser.add_argument("--no-faults", action="store_true", help="skip the stand-ins that the check must catch")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
