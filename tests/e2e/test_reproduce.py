@@ -388,6 +388,27 @@ def test_addons_cpu_plan_lists_every_variant_of_each_teacher(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+METHODS = {"granq": "granq", "adadfq": "layerwise", "gdfq": "layerwise", "synq": "layerwise",
+           "synq_granq": "granq", "zeroq": "layerwise"}
+
+
+def test_methods_plan_takes_each_recipes_quantizer_and_compares_with_granq(tmp_path, capsys):
+    plan = load_plan(resolve_plan("methods_cpu"))
+    assert plan.act_modes == ("config",) and plan.baseline == "granq"
+    assert main(["--plan", "methods_cpu", "--save-path", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    expected = {f"{stem}_W3A3_{mode}_{variant}_id{seed}" for stem in ("cifar10_resnet20a", "cifar10_resnet20")
+                for variant, mode in METHODS.items() for seed in (1, 2, 3)}
+    assert set(cell_lines(out, "run")) == expected and "36 cells in" in out
+    commands = {line.split()[1].rstrip(":"): line for line in out.splitlines() if line.startswith("run ")}
+    gdfq = commands["cifar10_resnet20a_W3A3_layerwise_gdfq_id1"]
+    assert "--set recipe=gdfq" in gdfq and "act_mode" not in gdfq  # the recipe names it
+    synq = commands["cifar10_resnet20_W3A3_layerwise_synq_id2"]
+    assert "--set pool_size=1280 --set pool_iters=250" in synq and "resnet20_cifar10_pytorchcv_jpeg.pth" in synq
+    assert "--set nEpochs=0" in commands["cifar10_resnet20a_W3A3_layerwise_zeroq_id3"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_variants_flag_runs_only_the_named_variants(tmp_path, capsys):
     args = ["--plan", "addons_cpu", "--save-path", str(tmp_path), "--dry-run"]
     assert main([*args, "--variants", "plus", "baseline"]) == 0

@@ -173,7 +173,8 @@ def test_doctests(module):
 def _variant_run(folder, variant, seed, final, best, train_seconds, **values):
     """A finished run of a plan's ``variant``: summary.json, config.hocon (2 warm-up epochs) and metrics.jsonl
     (4 epochs of 10 iterations, ``train_seconds`` each)."""
-    _summary(folder, id=seed, student_top1=final, best_top1=best, iters_per_epoch=10, epochs=4, **values)
+    _summary(folder, **{"id": seed, "student_top1": final, "best_top1": best, "iters_per_epoch": 10, "epochs": 4,
+                        **values})
     (folder / "config.hocon").write_text("warmup_epochs = 2\n")
     with open(folder / "metrics.jsonl", "w") as f:
         for epoch, seconds in enumerate(train_seconds, start=1):
@@ -206,4 +207,21 @@ def test_variants_table_compares_each_variant_with_the_baseline(tmp_path):
     # Epochs 3 and 4 train the student: (3 + 5) / 20 and (6 + 6) / 20 seconds per iteration.
     assert baseline["s/it (student epochs)"] == "0.400" and cam["s/it (student epochs)"] == "0.600"
     assert other["teacher weights"] == "`other.pth`" and other["final top-1"] == "90.00 (n=1)"
+    assert baseline["iterations"] == "40" and baseline["minutes per run"] == "–"  # 4 epochs of 10; no seconds
     assert utils.reports.results.variants_markdown(load_summaries([str(folders[0])])) == ""  # no variant: no table
+
+
+def test_variants_table_compares_with_the_named_baseline_whatever_its_quantizer(tmp_path):
+    folders = [_variant_run(tmp_path / "g", "granq", 1, 80.0, 81.0, [1, 1, 3, 5], seconds=300.0),
+               _variant_run(tmp_path / "l", "adadfq", 1, 78.0, 79.0, [1, 1, 2, 2], act_mode="layerwise",
+                            seconds=240.0, iters_per_epoch=20)]
+    summaries = load_summaries([str(f) for f in folders])
+    for s, variant in zip(summaries, ("granq", "adadfq")):
+        s["variant"] = variant
+    text = utils.reports.results.variants_markdown(summaries, order=["granq", "adadfq"], baseline="granq")
+    header = _row(text, "| model |")
+    granq, adadfq = (dict(zip(header, _row(line, "|"))) for line in text.splitlines() if line.startswith("| CIFAR"))
+    assert (granq["variant"], granq["bits"], granq["Δ final"]) == ("granq", "W3A3 granq", "–")
+    assert (adadfq["bits"], adadfq["Δ final"], adadfq["Δ best"]) == ("W3A3 layerwise", "-2.00", "-2.00")
+    assert (granq["iterations"], granq["minutes per run"]) == ("40", "5.0")
+    assert (adadfq["iterations"], adadfq["minutes per run"]) == ("80", "4.0")

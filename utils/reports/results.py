@@ -272,12 +272,13 @@ def _signed(value: float) -> str:
     return f"{value:+.2f}"
 
 
-def variants_markdown(summaries: list[dict], order=()) -> str:
+def variants_markdown(summaries: list[dict], order=(), baseline: str = BASELINE_VARIANT) -> str:
     """One table of a plan's variants (``summary["variant"]``, set by tools/reproduce.py): a row per teacher and
     variant with the mean ± std over seeds of the final and the best top-1, each mean's difference from the
-    ``baseline`` variant of the same teacher and bit-widths, the final top-1 of each seed, and the mean seconds per
-    iteration of the student's epochs (:func:`student_seconds_per_iteration`). Rows of one teacher follow ``order``
-    (variant names; the others after them, by name). "" when no run has a variant."""
+    ``baseline`` variant of the same teacher and bit-widths (whatever its activation quantizer), the final top-1 of
+    each seed, the training iterations of a run (epochs x iterations per epoch), the mean seconds per iteration of
+    the student's epochs (:func:`student_seconds_per_iteration`) and the mean wall time of a run. Rows of one teacher
+    follow ``order`` (variant names; the others after them, by name). "" when no run has a variant."""
     groups = defaultdict(list)
     for s in summaries:
         if s.get("variant") and s.get("student_top1") is not None:
@@ -288,27 +289,34 @@ def variants_markdown(summaries: list[dict], order=()) -> str:
     values = {key: {m: [s[m] for s in runs if s.get(m) is not None] for m in METRICS} for key, runs in groups.items()}
     means = {key: {m: statistics.fmean(v) if v else None for m, v in by_metric.items()}
              for key, by_metric in values.items()}
+    baselines = {row[:5]: means[row, variant] for row, variant in means if variant == baseline}
     header = ["model", "teacher weights", "bits", "variant", "final top-1", "Δ final", "best top-1", "Δ best",
-              "final top-1 per seed", "s/it (student epochs)"]
+              "final top-1 per seed", "iterations", "s/it (student epochs)", "minutes per run"]
     lines = ["Variants: mean ± sample standard deviation over seeds (n = seeds); Δ: difference of the means from "
-             f"the `{BASELINE_VARIANT}` variant of the same row; s/it: mean seconds per training iteration once the "
-             "student trains (generator and student steps, evaluation excluded).", "",
+             f"the `{baseline}` variant of the same teacher and bits; iterations: training iterations of a run "
+             "(epochs x iterations per epoch); s/it: mean seconds per training iteration once the student trains "
+             "(evaluation excluded); minutes per run: mean wall time of a run, evaluations included.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rank = {name: i for i, name in enumerate(order)}
-    for (row, variant), runs in sorted(groups.items(), key=lambda item: (item[0][0], rank.get(item[0][1], len(rank)),
-                                                                         item[0][1])):
+    def position(item):
+        (row, variant), _ = item
+        return row[:5], rank.get(variant, len(rank)), variant
+
+    for (row, variant), runs in sorted(groups.items(), key=position):
         dataset, network, teacher, qw, qa, act_mode = row
-        baseline = means.get((row, BASELINE_VARIANT))
         deltas = []
         for m in METRICS:
-            pair = (baseline or {}).get(m), means[row, variant][m]
-            deltas.append("–" if variant == BASELINE_VARIANT or None in pair else _signed(pair[1] - pair[0]))
+            pair = baselines.get(row[:5], {}).get(m), means[row, variant][m]
+            deltas.append("–" if variant == baseline or None in pair else _signed(pair[1] - pair[0]))
         runs = sorted(runs, key=lambda s: (s.get("id", 0), s["summary_path"]))
         speeds = [v for v in map(student_seconds_per_iteration, runs) if v is not None]
+        iterations = sorted({s["epochs"] * s["iters_per_epoch"] for s in runs if s.get("iters_per_epoch")})
+        minutes = [s["seconds"] / 60 for s in runs if s.get("seconds") is not None]
         lines.append("| " + " | ".join([
             f"{DATASET_NAMES.get(dataset, dataset)} `{network}`", f"`{teacher}`", f"{bits_label(qw, qa)} {act_mode}",
             variant, format_cell(values[row, variant]["student_top1"]), deltas[0],
             format_cell(values[row, variant]["best_top1"]) if values[row, variant]["best_top1"] else "–", deltas[1],
-            ", ".join(f"{s['student_top1']:.2f}" for s in runs),
-            f"{statistics.fmean(speeds):.3f}" if speeds else "–"]) + " |")
+            ", ".join(f"{s['student_top1']:.2f}" for s in runs), ", ".join(map(str, iterations)) or "–",
+            f"{statistics.fmean(speeds):.3f}" if speeds else "–",
+            f"{statistics.fmean(minutes):.1f}" if minutes else "–"]) + " |")
     return "\n".join(lines) + "\n"

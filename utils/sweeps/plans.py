@@ -30,17 +30,20 @@ PLAN_KEYS = {
     "description": (str, False, "one line shown when the plan starts"),
     "configs": (list[str], True, "hocon configs; relative paths are read from the repository root"),
     "bits": (list[int], True, "bit-widths; each cell quantizes weights and activations to the same bits"),
-    "act_modes": (list[str], True, "activation quantizers, passed as --set act_mode=..."),
+    "act_modes": (list[str], True, "activation quantizers, passed as --set act_mode=...; \"config\": the one the "
+                                   "config (and its recipe) names, not passed"),
     "seeds": (list[int], True, "run ids (--id); the random seed is id + 1"),
     "set": (list[str], False, "key=value overrides added to every cell"),
     "save_path": (str, False, f"cells go to <save_path>/<plan name>/<cell>/ (default {DEFAULT_SAVE_PATH})"),
     "slurm": (dict, False, "for --launcher slurm: partition, time, gpus_per_cell, cpus_per_gpu, account"),
     "variants": (dict, False, "variant name -> list of key=value overrides; each config runs every variant unless "
                               "per_config says otherwise, and the name goes into the cell's name"),
+    "baseline": (str, False, "the variant the others are compared with in the results table (default baseline)"),
     "per_config": (dict, False, "config file name without .hocon -> {variants = [names it runs], set = [its own "
                                 "key=value overrides]}, both optional"),
 }
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*$")
+FROM_CONFIG = "config"  # an act_modes entry: each cell's config (and its recipe) names the activation quantizer
 # Config keys a cell sets itself; an override of one would make the cell's name lie.
 RESERVED_KEYS = {"save_path": "use the plan's save_path or --save-path", "act_mode": "list it in act_modes",
                  "qw": "list the bit-width in bits", "qa": "list the bit-width in bits"}
@@ -60,6 +63,7 @@ class Plan:
     slurm: dict = dataclasses.field(default_factory=dict)  # checked: utils.sweeps.slurm.slurm_settings
     variants: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, overrides); none: cells keep their old names
     per_config: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()  # (stem, variant names, overrides)
+    baseline: str = "baseline"  # the variant the others are compared with
 
 
 def resolve_plan(name_or_path: str) -> str:
@@ -122,7 +126,7 @@ def load_plan(path: str) -> Plan:
                 description=checked.get("description", ""), configs=tuple(configs), bits=checked["bits"],
                 act_modes=checked["act_modes"], seeds=checked["seeds"], overrides=checked.get("set", ()),
                 save_path=checked.get("save_path", DEFAULT_SAVE_PATH), slurm=slurm, variants=variants,
-                per_config=per_config)
+                per_config=per_config, baseline=checked.get("baseline", "baseline"))
 
 
 def _string_list(path: str, where: str, value) -> tuple[str, ...]:
@@ -188,18 +192,21 @@ def expand_cells(plan: Plan, save_path: str, extra_overrides=(), gpu_index: bool
         chosen, config_overrides = groups.get(stem, ((), ()))
         if chosen and variant not in chosen:
             continue
+        overrides = (*(() if act_mode == FROM_CONFIG else (f"act_mode={act_mode}",)), *plan.overrides,
+                     *config_overrides, *variant_overrides, *extra_overrides, *(["GPU=0"] if gpu_index else []))
+        label = f"{stem}_W{bits}A{bits}" + (f"_{variant}" if variant else "") + f"_id{seed}"
+        try:
+            options = load_options(config, overrides, qw=bits, qa=bits)
+        except ConfigError as error:
+            raise UserError(f"cell {label}: {error}") from None
+        act_mode = options.act_mode
         name = f"{stem}_W{bits}A{bits}_{act_mode}" + (f"_{variant}" if variant else "") + f"_id{seed}"
         if name in names:
             raise UserError(f"plan {plan.path}: configs {names[name]} and {config} have the same file name, so "
                             f"their cells would share folders; rename one")
         names[name] = config
         folder = os.path.join(save_path, plan.name, name)
-        overrides = (f"act_mode={act_mode}", *plan.overrides, *config_overrides, *variant_overrides,
-                     *extra_overrides, f"save_path={folder}", *(["GPU=0"] if gpu_index else []))
-        try:
-            options = load_options(config, overrides, qw=bits, qa=bits)
-        except ConfigError as error:
-            raise UserError(f"cell {name}: {error}") from None
+        overrides = (*overrides, f"save_path={folder}")
         folder_name = "ImageNet" if options.dataset == "imagenet" else "CIFAR"
         cells.append(Cell(name, config, bits, act_mode, seed, folder, os.path.join(ROOT, folder_name, "main.py"),
                           overrides, variant))

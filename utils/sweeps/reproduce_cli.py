@@ -103,7 +103,7 @@ def _gpu_list(text: str | None) -> list[str]:
     return gpus
 
 
-def _write_results(plan_dir: str, cells: list[Cell], metric: str) -> int:
+def _write_results(plan_dir: str, cells: list[Cell], metric: str, baseline: str = "baseline") -> int:
     variants = {}  # run directory of each finished cell -> its variant
     for cell in cells:
         state, run_dir = cell_state(cell)
@@ -118,7 +118,7 @@ def _write_results(plan_dir: str, cells: list[Cell], metric: str) -> int:
         summary["variant"] = variants.get(os.path.dirname(summary["summary_path"]), "")
     text = results_markdown(summaries, metric)
     if any(cell.variant for cell in cells):
-        text = variants_markdown(summaries, [cell.variant for cell in cells]) + "\n" + text
+        text = variants_markdown(summaries, [cell.variant for cell in cells], baseline) + "\n" + text
     path = os.path.join(plan_dir, RESULTS_FILE)
     with open(path, "w") as f:
         f.write(text)
@@ -235,7 +235,7 @@ def reproduce(args) -> int:
         signal.signal(signal.SIGTERM, previous)
     failed = [t for t in tasks if t.outcome == "failed"]
     elsewhere = counts["running"] + sum(t.outcome == "locked" for t in tasks)
-    _write_results(plan_dir, cells, args.metric)
+    _write_results(plan_dir, cells, args.metric, plan.baseline)
     if elsewhere:
         print(f"{elsewhere} cell(s) ran in another call; rerun when it has ended to tabulate them")
     if failed:
@@ -276,7 +276,7 @@ def _slurm(args, plan: Plan, flags: dict, start: float) -> int:
     counts = submit(cells, settings, args.python, args.submitit_cluster, limit=args.max_cells)
     print(f"{counts['submitted']} job(s) submitted, {counts['skipped']} cell(s) skipped; rerun this command with "
           f"--status to follow them, and without it to submit what failed or stopped (it resumes)")
-    _write_results(plan_dir, cells, args.metric)
+    _write_results(plan_dir, cells, args.metric, plan.baseline)
     return 0
 
 
