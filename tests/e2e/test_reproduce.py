@@ -144,7 +144,7 @@ def test_missing_key_and_unknown_plan_name(tmp_path, capsys):
     assert "lacks act_modes, seeds: act_modes: activation quantizers" in capsys.readouterr().err
     assert main(["--plan", "cifar10"]) == 2
     assert ("no plan of that name in tools/plans (plans there: ablation, addons_cifar100, addons_cpu, cifar, "
-            "imagenet)") in capsys.readouterr().err
+            "imagenet, methods_cpu)") in capsys.readouterr().err
 
 
 def test_failing_cells_are_reported_and_the_others_go_on(tmp_path, capsys):

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+import utils.training.losses.generator as generator_losses
 import utils.training.trainer as trainer_module
 
 from ..conftest import ROOT, last_json, run_main, tiny_run_args
@@ -173,7 +174,7 @@ def test_resume_refuses_a_different_config_unless_forced(tmp_path, cifar_folder,
 
 
 def test_non_finite_loss_stops_with_its_name_and_keeps_the_checkpoint(tmp_path, cifar_folder, monkeypatch, capsys):
-    real = trainer_module.marginal_loss
+    real = generator_losses.marginal_loss
     calls = []
 
     def poisoned(*args):
@@ -181,7 +182,7 @@ def test_non_finite_loss_stops_with_its_name_and_keeps_the_checkpoint(tmp_path, 
         value = real(*args)
         return value * float("nan") if len(calls) == 7 else value  # epoch 2, iteration 2
 
-    monkeypatch.setattr(trainer_module, "marginal_loss", poisoned)
+    monkeypatch.setattr(generator_losses, "marginal_loss", poisoned)
     code, lines = run_main(resumable_args(tmp_path, cifar_folder))
     assert code == 2 and lines == []
     err = capsys.readouterr().err

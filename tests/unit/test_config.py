@@ -99,7 +99,8 @@ def test_unknown_key_names_it_and_the_valid_keys(tmp_path):
     ("cam_weight=-1", "cam_weight = -1.0 must be at least 0"),
     ("reliable_ce_tau=1.5", r"reliable_ce_tau = 1.5 must be in \(0, 1\]"),
     ("pseudo_label_lower=0.6", "pseudo_label_lower = 0.6 and pseudo_label_upper = 0.5 must satisfy"),
-    ("recipe=nosuch", "recipe = 'nosuch': no such recipe; choose from: plus"),
+    ("recipe=nosuch", "recipe = 'nosuch': no such recipe; choose from: adadfq, gdfq, granq, plus, synq, synq_granq, "
+                      "zeroq"),
 ])
 def test_bad_values_get_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -194,7 +194,8 @@ def expand_cells(plan: Plan, save_path: str, extra_overrides=(), gpu_index: bool
             continue
         overrides = (*(() if act_mode == FROM_CONFIG else (f"act_mode={act_mode}",)), *plan.overrides,
                      *config_overrides, *variant_overrides, *extra_overrides, *(["GPU=0"] if gpu_index else []))
-        label = f"{stem}_W{bits}A{bits}" + (f"_{variant}" if variant else "") + f"_id{seed}"
+        label = (f"{stem}_W{bits}A{bits}" + ("" if act_mode == FROM_CONFIG else f"_{act_mode}")
+                 + (f"_{variant}" if variant else "") + f"_id{seed}")
         try:
             options = load_options(config, overrides, qw=bits, qa=bits)
         except ConfigError as error:
