@@ -1,12 +1,15 @@
 import io
 import json
 import os
+import pathlib
+import subprocess
 import sys
 from contextlib import redirect_stdout
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,11 +57,29 @@ def restore_backend_flags():
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[3]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``-n N``) each worker computes with its share of the cores, it and the processes it starts
+    (``OMP_NUM_THREADS``): N workers with every core each would only fight over them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def shared_folder(tmp_path_factory) -> pathlib.Path:
+    """A folder of this test session that every pytest-xdist worker sees (each worker's own temporary root is below
+    it); without workers, the session's temporary root."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def eval_cache_in_tmp(tmp_path_factory):
-    """The evaluation cache (``eval_cache = auto``) in a temporary folder: tests never write to ~/.cache."""
+    """The evaluation cache (``eval_cache = auto``) and the pool cache in a temporary folder that every worker shares
+    (the caches lock what they build): tests never write to ~/.cache, and each test set is decoded once."""
     saved = os.environ.get("GRANQ_CACHE")
-    os.environ["GRANQ_CACHE"] = str(tmp_path_factory.mktemp("granq_cache"))
+    os.environ["GRANQ_CACHE"] = str(shared_folder(tmp_path_factory) / "granq_cache")
     yield os.environ["GRANQ_CACHE"]
     if saved is None:
         os.environ.pop("GRANQ_CACHE", None)
@@ -67,8 +88,48 @@ def eval_cache_in_tmp(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def shared_run(tmp_path_factory):
+    """``shared_run(name, argv)``: the summary of ``main.py argv`` (its ``save_path`` set to a folder of ``name``), run
+    once per test session whichever worker asks first; the others wait for it under a file lock and read it. The
+    run directory is shared: tests read it and write nothing into it."""
+    root = shared_folder(tmp_path_factory) / "shared_runs"
+    root.mkdir(exist_ok=True)
+
+    def get(name: str, argv: list[str]) -> dict:
+        folder, done = root / name, root / f"{name}.json"
+        with FileLock(str(root / f"{name}.lock")):
+            if not done.exists():
+                code, lines = run_main([*argv, "--set", f"save_path={folder}"])
+                assert code == 0, lines[-5:]
+                done.write_text(lines[-1])
+        return json.loads(done.read_text())
+
+    return get
+
+
+def post_training_args(qw: int, qa: int, act_mode: str, conf=None, weights=None, *sets) -> list[str]:
+    """``main.py`` arguments of a post-training run (``nEpochs = 0``) on a shared teacher and the shared JPEG test set:
+    the option-A teacher by default."""
+    args = ["--conf_path", conf or CIFAR10A_CONF, "--id", "1", "--qw", str(qw), "--qa", str(qa)]
+    for setting in (f"teacher_weights={weights or RESNET20A_WEIGHTS}", f"dataPath={CIFAR10_JPEG}", "nEpochs=0",
+                    "nThreads=2", f"act_mode={act_mode}", *sets):
+        args += ["--set", setting]
+    return args
+
+
+@pytest.fixture(scope="session")
 def cifar_folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("cifar_folder"), classes=10, per_class=2, size=32)
+
+
+def run_benchmark_script(name: str, cwd, *args, timeout: float = 1800):
+    """Run ``bash benchmarks/NAME ARGS...`` in ``cwd`` with its results there ($RESULTS_DIR); fail with its output's end
+    unless it exits 0. Returns the completed process."""
+    env = {**os.environ, "RESULTS_DIR": str(cwd)}
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", name), *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def run_main(argv):

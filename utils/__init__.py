@@ -6,7 +6,8 @@ no modules import each other in a circle); ``quantization_utils`` imports nothin
 1. ``system``: errors, devices, torchrun, file locks, atomic file writes, stop signals;
 2. ``models``: the model registry, the option-A ResNet-20, teachers and their weights;
 3. ``data``: the test sets, the evaluation cache, loader workers;
-4. ``training``: the trainer, the generator, losses, optimizers, progress, metrics, checkpoints;
+4. ``training``: the trainer, the generator, synthetic image pools, losses, optimizers, the training state,
+   checkpoints, CUDA graphs, progress, metrics;
 5. ``reports``: results tables, plots, published numbers, activation ranges;
 6. ``export``: the packed integer weights, the ONNX student, running them;
 7. ``runs``: the config, saved runs' options with overrides, evaluating saved students;

@@ -9,6 +9,9 @@ from utils.system.errors import UserError
 
 from ..conftest import last_json, make_image_folder, run_main, tiny_run_args
 
+# the module's run is made once, in one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("evaluate")
+
 
 def _teacher_labelled_run(root):
     """A finished W6A6 run whose test labels are its teacher's predictions.

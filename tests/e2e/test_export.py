@@ -32,10 +32,10 @@ from utils.training.checkpoints import student_record
 from ..conftest import (
     CIFAR10_CONF,
     CIFAR10_JPEG,
-    CIFAR10A_CONF,
     RESNET20A_WEIGHTS,
     ROOT,
     last_json,
+    post_training_args,
     run_main,
 )
 
@@ -50,23 +50,19 @@ def export(*argv):
     return code, out.getvalue().splitlines(), err.getvalue()
 
 
-def _post_training(root, qw, qa, act_mode):
-    args = ["--conf_path", CIFAR10A_CONF, "--id", "1", "--qw", str(qw), "--qa", str(qa)]
-    for setting in (f"teacher_weights={RESNET20A_WEIGHTS}", f"dataPath={CIFAR10_JPEG}", "nEpochs=0",
-                    f"save_path={root}", "nThreads=2", f"act_mode={act_mode}"):
-        args += ["--set", setting]
-    code, lines = run_main(args)
-    assert code == 0
-    return last_json(lines)
+# The exports of the two post-training runs run once, in one worker (pytest-xdist); the runs themselves are the
+# session's shared ones (the W4A4 layer-wise run is also test_shared_data.py's).
+pytestmark = pytest.mark.xdist_group("export")
 
 
 @pytest.fixture(scope="module", params=[(3, 3, "granq"), (4, 4, "layerwise")], ids=["W3A3-granq", "W4A4-layerwise"])
-def exported(request, tmp_path_factory):
+def exported(request, shared_run, tmp_path_factory):
     if not (os.path.isdir(CIFAR10_JPEG) and os.path.isfile(RESNET20A_WEIGHTS)):
         pytest.skip("../shared/data (CIFAR-10 JPEG test set and ResNet-20 weights) is not beside the project")
-    root = tmp_path_factory.mktemp("export")
-    run = _post_training(root, *request.param)
-    code, lines, err = export(run["run_dir"])
+    qw, qa, act_mode = request.param
+    run = shared_run(f"A{qw}{act_mode}", post_training_args(qw, qa, act_mode))
+    output = tmp_path_factory.mktemp("export")
+    code, lines, err = export(run["run_dir"], "--output", output)
     assert code == 0, err
     return run, json.loads(lines[-1]), lines
 
@@ -87,7 +83,7 @@ def test_onnxruntime_gives_the_students_top1(exported):
 
 def test_files_are_written_whole_with_their_sizes(exported):
     run, result, lines = exported
-    folder = os.path.join(run["run_dir"], "export")
+    folder = os.path.dirname(result["paths"]["packed"])
     assert sorted(os.listdir(folder)) == ["student.onnx", "student.safetensors"]  # no temporary file left
     for kind, name in (("packed", "student.safetensors"), ("onnx", "student.onnx")):
         assert result["paths"][kind] == os.path.join(folder, name)

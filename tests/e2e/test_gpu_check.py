@@ -2,12 +2,10 @@
 on the CPU: 69 s on an idle 2-core machine, 7 minutes on a busy one; ``-m "not slow"`` leaves it out."""
 
 import json
-import os
-import subprocess
 
 import pytest
 
-from ..conftest import ROOT
+from ..conftest import run_benchmark_script
 
 STEPS = ("exactness", "cli", "cli_compiled", "graph_probe", "train_step", "quantizer_speed", "eval_throughput",
          "full_run")
@@ -17,10 +15,7 @@ FILES = ("exactness_probe", "cli_run", "cli_run_compiled", "graph_probe", "train
 
 @pytest.mark.slow
 def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
-    env = {**os.environ, "RESULTS_DIR": str(tmp_path)}
-    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--device", "cpu", "--quick"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_benchmark_script("gpu_check.sh", tmp_path, "--device", "cpu", "--quick")
     assert result.stdout.rstrip().endswith("all steps passed")
     with open(tmp_path / "gpu_check_quick_cpu.json") as f:
         steps = {step["step"]: step for step in json.load(f)["steps"]}
@@ -41,9 +36,7 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert full["cuda_graph"] == "eager: no CUDA device" and full["device"] == "cpu"
     assert {"wall_seconds", "student_top1", "best_top1", "teacher_top1"} <= full.keys()
     # --only runs one step and keeps the others' records
-    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--device", "cpu", "--quick",
-                             "--only", "full_run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_benchmark_script("gpu_check.sh", tmp_path, "--device", "cpu", "--quick", "--only", "full_run")
     assert "[1] full_run" in result.stdout and "[2]" not in result.stdout
     with open(tmp_path / "gpu_check_quick_cpu.json") as f:
         assert tuple(step["step"] for step in json.load(f)["steps"]) == STEPS

@@ -2,22 +2,17 @@
 every step small, on the CPU; ``-m "not slow"`` leaves it out."""
 
 import json
-import os
-import subprocess
 
 import pytest
 
-from ..conftest import ROOT
+from ..conftest import run_benchmark_script
 
 STEPS = ("self_check", "fallback", "channel_setup", "graph_probe", "off_vs_on", "step_time")
 
 
 @pytest.mark.slow
 def test_gpu_verify_runs_on_the_cpu_and_says_what_it_skips(tmp_path):
-    env = {**os.environ, "RESULTS_DIR": str(tmp_path)}
-    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_verify.sh"), "--device", "cpu", "--quick"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_benchmark_script("gpu_verify.sh", tmp_path, "--device", "cpu", "--quick")
     assert result.stdout.splitlines()[0].startswith("torch ")  # the versions first
     assert "all steps passed (3 skipped: they need CUDA)" in result.stdout.splitlines()[-1]
     with open(tmp_path / "gpu_verify_quick_cpu.json") as f:

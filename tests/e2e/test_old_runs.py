@@ -13,6 +13,9 @@ import pytest
 
 from ..conftest import ROOT, last_json, run_main, tiny_run_args
 
+# the module's run is made once, in one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("old_runs")
+
 BEFORE_THE_MOVE = "ff6a51da281f8a3a6e5297366e18ea937e214c10"
 
 
