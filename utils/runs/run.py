@@ -51,7 +51,7 @@ __all__ = ["RESUME_KEYS", "Run", "build_parser", "main", "make_run_dir", "run", 
 logger = logging.getLogger("granq")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 # What summary.json records of a run's pool (its own summary.json in the pool cache holds the rest).
-POOL_SUMMARY_KEYS = ("key", "images", "final_bns", "teacher_acc", "synthesis_seconds")
+POOL_RECORDED = ("key", "images", "final_bns", "teacher_acc", "synthesis_seconds")
 # Keys a resumed run may change: where and how it evaluates, logs, computes and finds its pool, never what it trains.
 RESUME_KEYS = ("GPU", "dataPath", "nThreads", "test_batch_size", "log_interval", "eval_every", "eval_start_epoch",
                "eval_cache", "tensorboard", "cuda_graph", "pool_cache")
@@ -222,7 +222,7 @@ def setup(args) -> Run:
     logger.info("run directory %s on %s (seed %d, %d process(es))", run_dir, device, seed, distributed.world_size())
     meta = {"id": run_id, "seed": seed, "teacher_weights": teacher_source, "device": str(device), **backends}
     if pool is not None:
-        meta["pool"] = {key: pool.summary[key] for key in POOL_SUMMARY_KEYS} | {"folder": pool.folder}
+        meta["pool"] = {key: pool.summary[key] for key in POOL_RECORDED} | {"folder": pool.folder}
     trainer = Trainer(options, teacher, test_loader, device, run_dir, meta, pool)
     log_unquantized_inputs(trainer.student, options, device)
     if checkpoint is not None:
