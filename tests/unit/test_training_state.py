@@ -11,6 +11,7 @@ from quantization_utils import QuantAct
 from utils.models import build_teacher
 from utils.runs.config import load_options
 from utils.training.graph_check import compare_states, iteration_kinds, run_iterations, self_check, snapshot
+from utils.training.losses import student_loss_names
 from utils.training.state import RUN_STATE, TrainingState
 from utils.training.trainer import Trainer
 
@@ -19,15 +20,13 @@ from ..conftest import CIFAR10_CONF
 CPU = torch.device("cpu")
 COUNT = 3  # iterations run twice from the saved state
 
-# Every act_mode, each term of student_losses, and the input filter; each with a warm-up and a student epoch.
+# Every act_mode, each registered term of student_losses (beside kd), and the input filter; each with a warm-up and
+# a student epoch.
 MODES = {
     "granq": [],
     "layerwise": ["act_mode=layerwise"],
     "channel": ["act_mode=channel"],
-    "attention": ["student_losses=[kd, attention]"],
-    "cam": ["student_losses=[kd, cam]"],
-    "reliable_ce": ["student_losses=[kd, reliable_ce]"],
-    "pseudo_label": ["student_losses=[kd, pseudo_label]"],
+    **{term: [f"student_losses=[kd, {term}]"] for term in student_loss_names() if term != "kd"},
     "lowpass": ["student_input_filter=lowpass"],
 }
 
