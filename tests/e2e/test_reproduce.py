@@ -323,19 +323,28 @@ def test_jobs_spread_over_every_visible_gpu(tmp_path, capsys, monkeypatch):
     assert "visible GPUs" not in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="pauses a process group (POSIX)")
 def test_two_concurrent_calls_run_each_cell_once(tmp_path, capsys):
     plan = write_plan(tmp_path, seeds=[1, 2], set=[f"dataPath={tmp_path / 'images'}", *TINY_RUN])
     cells = [tmp_path / "runs" / "tiny" / f"cifar10_resnet20_W4A4_granq_id{seed}" for seed in (1, 2)]
     command = [sys.executable, TOOL, "--plan", plan]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     wait_for(lambda: (cells[0] / "cell.log").exists(), "the first call to start cell 1", first)
     assert main(["--plan", plan, "--status"]) == 0
     assert f"running  {cells[0].name}: in a local call" in capsys.readouterr().out
-    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    outs = [process.communicate(timeout=300) for process in (first, second)]
-    assert (first.returncode, second.returncode) == (0, 0), outs
+    # The first call and its run of cell 1 pause while the second call runs, so that the two overlap however fast
+    # the machine: the second finds cell 1 held and runs cell 2; the first, resumed, finds cell 2 done.
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    out_first = first.communicate(timeout=300)
+    assert (first.returncode, second.returncode) == (0, 0), (out_first, second.stdout, second.stderr)
     assert f"skip   {cells[0].name}: running in another call (its lock {cells[0] / 'cell.lock'} is held)" \
-           in outs[1][0]
+           in second.stdout
+    assert f"skip   {cells[1].name}: done" in out_first[0]
     for cell in cells:
         [run_dir] = run_dirs(cell)
         assert (run_dir / "summary.json").exists()
