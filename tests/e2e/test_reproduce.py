@@ -323,23 +323,42 @@ def test_jobs_spread_over_every_visible_gpu(tmp_path, capsys, monkeypatch):
     assert "visible GPUs" not in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="pauses a process group (POSIX)")
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux: /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the run's process in /proc")
 def test_two_concurrent_calls_run_each_cell_once(tmp_path, capsys):
     plan = write_plan(tmp_path, seeds=[1, 2], set=[f"dataPath={tmp_path / 'images'}", *TINY_RUN])
     cells = [tmp_path / "runs" / "tiny" / f"cifar10_resnet20_W4A4_granq_id{seed}" for seed in (1, 2)]
     command = [sys.executable, TOOL, "--plan", plan]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: (cells[0] / "cell.log").exists(), "the first call to start cell 1", first)
-    assert main(["--plan", plan, "--status"]) == 0
-    assert f"running  {cells[0].name}: in a local call" in capsys.readouterr().out
-    # The first call and its run of cell 1 pause while the second call runs, so that the two overlap however fast
-    # the machine: the second finds cell 1 held and runs cell 2; the first, resumed, finds cell 2 done.
-    os.killpg(first.pid, signal.SIGSTOP)
+    # The first call and its run of cell 1 (in a session of its own, once started) pause while the status and the
+    # second call run, the call holding cell 1's lock (taken before cell.log is written), so that the calls overlap
+    # however fast or loaded the machine: the second finds cell 1 held and runs cell 2; the first, resumed, ends
+    # cell 1 and finds cell 2 done.
+    os.kill(first.pid, signal.SIGSTOP)
+    paused = [first.pid, *child_processes(first.pid)]
+    for pid in paused[1:]:
+        os.kill(pid, signal.SIGSTOP)
     try:
+        assert main(["--plan", plan, "--status"]) == 0
+        assert f"running  {cells[0].name}: in a local call" in capsys.readouterr().out
         second = subprocess.run(command, capture_output=True, text=True, timeout=300)
     finally:
-        os.killpg(first.pid, signal.SIGCONT)
+        for pid in reversed(paused):
+            os.kill(pid, signal.SIGCONT)
     out_first = first.communicate(timeout=300)
     assert (first.returncode, second.returncode) == (0, 0), (out_first, second.stdout, second.stderr)
     assert f"skip   {cells[0].name}: running in another call (its lock {cells[0] / 'cell.lock'} is held)" \
