@@ -323,17 +323,21 @@ def test_jobs_spread_over_every_visible_gpu(tmp_path, capsys, monkeypatch):
     assert "visible GPUs" not in capsys.readouterr().out
 
 
-def child_processes(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (Linux: /proc)."""
-    found = []
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (Linux /proc): a launcher's runs, or a SLURM job's tasks and their children."""
+    children = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/stat") as f:
                 parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+        except (OSError, ValueError, IndexError):
             continue
-        if parent == pid:
-            found.append(int(entry))
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
     return found
 
 
@@ -349,7 +353,7 @@ def test_two_concurrent_calls_run_each_cell_once(tmp_path, capsys):
     # however fast or loaded the machine: the second finds cell 1 held and runs cell 2; the first, resumed, ends
     # cell 1 and finds cell 2 done.
     os.kill(first.pid, signal.SIGSTOP)
-    paused = [first.pid, *child_processes(first.pid)]
+    paused = [first.pid, *descendants(first.pid)]
     for pid in paused[1:]:
         os.kill(pid, signal.SIGSTOP)
     try:

@@ -12,29 +12,11 @@ from utils.sweeps.reproduce_cli import main
 from utils.sweeps.slurm import _local_state
 
 from ..conftest import CIFAR10_CONF
-from .test_reproduce import RESUMABLE_RUN, TINY_RUN, run_dirs, wait_for, write_plan
+from .test_reproduce import RESUMABLE_RUN, TINY_RUN, descendants, run_dirs, wait_for, write_plan
 
 pytest.importorskip("submitit")
 
 LOCAL = ["--launcher", "slurm", "--submitit-cluster", "local", "--time", "15"]
-
-
-def descendants(pid: int) -> list[int]:
-    """The processes below ``pid`` (Linux /proc): what SLURM signals in a job are its tasks and their children."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def job_id(cell) -> str:
